@@ -1,0 +1,466 @@
+"""Per-slide stores: coords, features and attention, in HDF5 (default) or zarr.
+
+Every store is written to `<name>.tmp-<pid>` and moved into place with `os.replace` once all
+data is written; the attribute `complete=True` is set last. Readers reject stores without it,
+so a killed job never leaves a file that later stages mistake for a finished one.
+
+Coordinates are level-0 pixels, top-left corner, (x, y), int64.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import h5py
+import numpy as np
+
+from preprocessing.errors import IncompleteStoreError, StoreFormatError
+
+StoreFormat = Literal["h5", "zarr"]
+STORE_SUFFIXES: dict[str, str] = {"h5": ".h5", "zarr": ".zarr"}
+
+
+def feature_store_path(directory: Path, slide_id: str, fmt: StoreFormat = "h5") -> Path:
+    """Path of the store of `slide_id` in `directory` for the given format."""
+    return Path(directory) / f"{slide_id}{STORE_SUFFIXES[fmt]}"
+
+
+def store_format(path: Path) -> StoreFormat:
+    """Format of a store from its suffix (`.zarr` is zarr, anything else HDF5)."""
+    return "zarr" if Path(path).suffix == ".zarr" else "h5"
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Replace `path` by `tmp`; a zarr folder cannot be replaced in one rename, so the old one
+    is renamed aside first and removed after."""
+    if tmp.is_dir() and path.exists():
+        old = path.with_name(f"{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        _remove(old)
+    else:
+        os.replace(tmp, path)
+
+
+def _clean_attr(value: Any) -> Any:
+    """Convert an attribute value to a type both HDF5 and zarr (JSON) store unchanged."""
+    if value is None:
+        return ""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_clean_attr(item) for item in value]
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _read_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        elif isinstance(value, np.ndarray):
+            value = value.tolist()
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out[key] = value
+    return out
+
+
+def is_complete_store(path: Path) -> bool:
+    """True when `path` exists, opens and carries `complete=True`."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    try:
+        with _open_group(path) as group:
+            return bool(group.attrs.get("complete", False))
+    except (OSError, ValueError, KeyError, StoreFormatError):
+        return False
+
+
+@contextmanager
+def _open_group(path: Path) -> Iterator[Any]:
+    """Open a store read-only as an h5py File or zarr Group."""
+    if store_format(path) == "zarr":
+        import zarr
+
+        try:
+            group = zarr.open_group(str(path), mode="r")
+        except Exception as err:  # zarr raises several unrelated types for unreadable folders
+            raise StoreFormatError(
+                f"{path}: not a readable zarr store ({err}). Delete it and rerun the stage."
+            ) from err
+        yield group
+    else:
+        try:
+            handle = h5py.File(path, "r")
+        except OSError as err:
+            raise StoreFormatError(
+                f"{path}: not a readable HDF5 file ({err}); it is probably truncated. "
+                "Delete it and rerun the stage that wrote it."
+            ) from err
+        with handle:
+            yield handle
+
+
+def _check_complete(path: Path, attrs: Mapping[str, Any]) -> None:
+    if not attrs.get("complete", False):
+        raise IncompleteStoreError(
+            f"{path}: store is incomplete (no complete=True attribute): the job that wrote it "
+            "was stopped or failed. Rerun the stage; it rebuilds incomplete stores."
+        )
+
+
+def _check_coords(path: Path, coords: np.ndarray) -> np.ndarray:
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise StoreFormatError(
+            f"{path}: dataset 'coords' has shape {coords.shape}, expected (N, 2) level-0 (x, y)"
+        )
+    return coords.astype(np.int64, copy=False)
+
+
+# --------------------------------------------------------------------------- coords stores
+
+
+@dataclass
+class CoordsStore:
+    """Tile grid of one slide: `coords` int64 [N, 2] level-0 (x, y) and the store attributes."""
+
+    path: Path
+    coords: np.ndarray
+    attrs: dict[str, Any]
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.coords.shape[0])
+
+
+def write_coords_store(path: Path, coords: np.ndarray, attrs: Mapping[str, Any]) -> None:
+    """Write a coords store atomically; `complete=True` is set last.
+
+    Args:
+        path: destination `.h5` file; an existing file is replaced only on success.
+        coords: int [N, 2] level-0 (x, y) top-left corners; N may be 0 (status `no_tissue`).
+        attrs: store attributes (see the design's coords store); dicts are stored as JSON text.
+    """
+    path = Path(path)
+    coords = _check_coords(path, np.asarray(coords).reshape(-1, 2))
+    tmp = _tmp_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with h5py.File(tmp, "w") as handle:
+            handle.create_dataset("coords", data=coords)
+            for key, value in attrs.items():
+                if key != "complete":
+                    handle.attrs[key] = _clean_attr(value)
+            handle.attrs["complete"] = True
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def read_coords_store(path: Path) -> CoordsStore:
+    """Read a complete coords store; raises IncompleteStoreError or StoreFormatError."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreFormatError(f"{path}: coords store not found. Run `slidemil tile` first.")
+    with _open_group(path) as group:
+        attrs = _read_attrs(group.attrs)
+        _check_complete(path, attrs)
+        if "coords" not in group:
+            raise StoreFormatError(f"{path}: no 'coords' dataset; rerun `slidemil tile`.")
+        coords = _check_coords(path, np.asarray(group["coords"][:]))
+    return CoordsStore(path=path, coords=coords, attrs=attrs)
+
+
+# -------------------------------------------------------------------------- feature stores
+
+
+class FeatureStoreWriter:
+    """Write a feature store in row blocks, then commit it atomically.
+
+    Use as a context manager: the store is moved into place with `complete=True` when the
+    block exits without an exception, and the temporary file is removed otherwise.
+
+    Args:
+        path: destination `<slide_id>.h5` or `<slide_id>.zarr`.
+        n_rows: N, the number of tiles (rows of `features` and `coords`).
+        dim: D, the embedding dimension.
+        coords: int [N, 2] level-0 (x, y), in the row order of the features.
+        attrs: store attributes (all coords attrs plus backbone, weights, ...).
+        dtype: "float16" (default) or "float32".
+        fmt: "h5" or "zarr"; defaults to the format given by the suffix of `path`.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        n_rows: int,
+        dim: int,
+        coords: np.ndarray,
+        attrs: Mapping[str, Any],
+        dtype: str = "float16",
+        fmt: StoreFormat | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.fmt: StoreFormat = fmt or store_format(self.path)
+        self.n_rows = int(n_rows)
+        self.dim = int(dim)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype("float16"), np.dtype("float32")):
+            raise ValueError(f"{self.path}: feature dtype must be float16 or float32, got {dtype}")
+        self.coords = _check_coords(self.path, np.asarray(coords).reshape(-1, 2))
+        if self.coords.shape[0] != self.n_rows:
+            raise StoreFormatError(
+                f"{self.path}: {self.coords.shape[0]} coords for {self.n_rows} feature rows"
+            )
+        self.attrs = dict(attrs)
+        self.tmp = _tmp_path(self.path)
+        self._written = np.zeros(self.n_rows, dtype=bool)
+        self._handle: Any = None
+        self._features: Any = None
+
+    def __enter__(self) -> FeatureStoreWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _remove(self.tmp)
+        chunk_rows = max(1, min(self.n_rows, max(1, 2**20 // max(1, self.dim * 4))))
+        if self.fmt == "zarr":
+            import zarr
+
+            self._handle = zarr.open_group(str(self.tmp), mode="w")
+            self._features = self._handle.create_array(
+                "features", shape=(self.n_rows, self.dim), dtype=self.dtype,
+                chunks=(chunk_rows, self.dim),
+            )
+            self._handle.create_array("coords", shape=self.coords.shape, dtype="int64")[:] = (
+                self.coords
+            )
+        else:
+            self._handle = h5py.File(self.tmp, "w")
+            self._features = self._handle.create_dataset(
+                "features", shape=(self.n_rows, self.dim), dtype=self.dtype,
+                chunks=(chunk_rows, self.dim) if self.n_rows else None,
+            )
+            self._handle.create_dataset("coords", data=self.coords)
+        return self
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        """Write `rows` [n, D] at rows `start:start + n`; NaN or inf rows raise StoreFormatError."""
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise StoreFormatError(
+                f"{self.path}: rows of shape {rows.shape}, expected (n, {self.dim})"
+            )
+        stop = start + rows.shape[0]
+        if start < 0 or stop > self.n_rows:
+            raise StoreFormatError(f"{self.path}: rows {start}:{stop} outside 0:{self.n_rows}")
+        bad = ~np.isfinite(rows).all(axis=1)
+        if bad.any():
+            first = start + int(np.flatnonzero(bad)[0])
+            raise StoreFormatError(
+                f"{self.path}: non-finite features in {int(bad.sum())} row(s), first at row "
+                f"{first}; check the backbone weights and --precision"
+            )
+        self._features[start:stop] = rows.astype(self.dtype, copy=False)
+        self._written[start:stop] = True
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None:
+                missing = np.flatnonzero(~self._written)
+                if missing.size:
+                    raise StoreFormatError(
+                        f"{self.path}: {missing.size} of {self.n_rows} feature rows were never "
+                        f"written (first: row {int(missing[0])}); the store was not committed"
+                    )
+                for key, value in self.attrs.items():
+                    if key != "complete":
+                        self._handle.attrs[key] = _clean_attr(value)
+                self._handle.attrs["embedding_dim"] = self.dim
+                self._handle.attrs["dtype"] = str(self.dtype)
+                self._handle.attrs["complete"] = True
+        finally:
+            if self.fmt == "h5" and self._handle is not None:
+                self._handle.close()
+            self._handle = None
+        if exc_type is None:
+            _move_into_place(self.tmp, self.path)
+        else:
+            _remove(self.tmp)
+
+    def abort(self) -> None:
+        """Remove the temporary store (for callers not using the context manager)."""
+        if self.fmt == "h5" and self._handle is not None:
+            self._handle.close()
+        self._handle = None
+        _remove(self.tmp)
+
+
+class FeatureStore:
+    """Read access to a complete feature store; `features` stays on disk until sliced.
+
+    Attributes:
+        path: the store.
+        coords: int64 [N, 2] level-0 (x, y), row-aligned with `features`.
+        attrs: store attributes.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StoreFormatError(
+                f"{self.path}: feature store not found. Run `slidemil extract` first."
+            )
+        self._context = _open_group(self.path)
+        group = self._context.__enter__()
+        try:
+            self.attrs = _read_attrs(group.attrs)
+            _check_complete(self.path, self.attrs)
+            for name in ("features", "coords"):
+                if name not in group:
+                    raise StoreFormatError(
+                        f"{self.path}: no '{name}' dataset; rerun `slidemil extract`."
+                    )
+            self.features = group["features"]
+            self.coords = _check_coords(self.path, np.asarray(group["coords"][:]))
+            if len(self.features.shape) != 2 or self.features.shape[0] != self.coords.shape[0]:
+                raise StoreFormatError(
+                    f"{self.path}: features of shape {tuple(self.features.shape)} do not match "
+                    f"{self.coords.shape[0]} coords; rerun `slidemil extract` for this slide."
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def read_features(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Features [N, D] (or the given rows, in the given order) as stored."""
+        if rows is None:
+            return np.asarray(self.features[:])
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        data = np.asarray(self.features[sorted_rows.tolist()]) if len(rows) else np.empty(
+            (0, self.dim), dtype=self.features.dtype
+        )
+        out = np.empty_like(data)
+        out[order] = data
+        return out
+
+    def close(self) -> None:
+        self._context.__exit__(None, None, None)
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_feature_store(path: Path) -> FeatureStore:
+    """Open a complete HDF5 or zarr feature store for reading."""
+    return FeatureStore(path)
+
+
+# ------------------------------------------------------------------------ attention stores
+
+
+@dataclass
+class AttentionStore:
+    """Per-tile attention of one slide, row-aligned with its feature store.
+
+    Attributes:
+        attention: float32 [N] or [N, H] (H heads or branches).
+        coords: int64 [N, 2] level-0 (x, y).
+        attrs: slide_id, slide_path, tile_px_level0, level0_width, level0_height,
+            predicted_class, probability, classes (JSON), model, ...
+    """
+
+    path: Path
+    attention: np.ndarray
+    coords: np.ndarray
+    attrs: dict[str, Any]
+
+
+def write_attention_store(
+    path: Path, attention: np.ndarray, coords: np.ndarray, attrs: Mapping[str, Any]
+) -> None:
+    """Write `attention` [N] or [N, H] with its level-0 `coords` [N, 2] atomically."""
+    path = Path(path)
+    attention = np.asarray(attention, dtype=np.float32)
+    coords = _check_coords(path, np.asarray(coords).reshape(-1, 2))
+    if attention.ndim not in (1, 2) or attention.shape[0] != coords.shape[0]:
+        raise StoreFormatError(
+            f"{path}: attention of shape {attention.shape} does not match {coords.shape[0]} coords"
+        )
+    tmp = _tmp_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with h5py.File(tmp, "w") as handle:
+            handle.create_dataset("attention", data=attention)
+            handle.create_dataset("coords", data=coords)
+            for key, value in attrs.items():
+                if key != "complete":
+                    handle.attrs[key] = _clean_attr(value)
+            handle.attrs["complete"] = True
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def read_attention_store(path: Path) -> AttentionStore:
+    """Read a complete attention store; lengths of attention and coords must agree."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreFormatError(f"{path}: attention file not found. Run `slidemil predict` first.")
+    with _open_group(path) as group:
+        attrs = _read_attrs(group.attrs)
+        _check_complete(path, attrs)
+        for name in ("attention", "coords"):
+            if name not in group:
+                raise StoreFormatError(f"{path}: no '{name}' dataset; rerun `slidemil predict`.")
+        attention = np.asarray(group["attention"][:], dtype=np.float32)
+        coords = _check_coords(path, np.asarray(group["coords"][:]))
+    if attention.shape[0] != coords.shape[0]:
+        raise StoreFormatError(
+            f"{path}: {attention.shape[0]} attention rows but {coords.shape[0]} coords; "
+            "rerun `slidemil predict` for this slide."
+        )
+    return AttentionStore(path=path, attention=attention, coords=coords, attrs=attrs)
