@@ -56,3 +56,9 @@ class ConfigError(SlidemilError):
     """A configuration value, label file or split file is invalid."""
 
     error_type = "config"
+
+
+class CheckpointError(SlidemilError):
+    """A model checkpoint is missing, unreadable, or belongs to another model or class map."""
+
+    error_type = "checkpoint"
