@@ -1,0 +1,23 @@
+"""Attention math over packed bags, shared by every MIL model.
+
+A pack holds several bags back to back, then padding; `Segments` gives the bag boundaries.
+Tokens of different bags never interact and padding rows always produce exactly 0.
+"""
+
+from mil.kernels.pooling import (
+    segment_attention_pool,
+    segment_reduce,
+    segment_softmax,
+    segment_topk_mask,
+    weighted_segment_sum,
+)
+from mil.kernels.segments import Segments
+
+__all__ = [
+    "Segments",
+    "segment_attention_pool",
+    "segment_reduce",
+    "segment_softmax",
+    "segment_topk_mask",
+    "weighted_segment_sum",
+]
