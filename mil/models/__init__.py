@@ -4,7 +4,7 @@ Use `create_model(name, in_dim, n_classes, **config)` and `list_models()`; prese
 model are in `configs/models/<name>.yaml`.
 """
 
-from mil.models import abmil, acmil, dsmil, pooling
+from mil.models import abmil, acmil, clam, dsmil, pooling
 from mil.models.base import MILModel, MILOutput, create_model, list_models, register_model
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "MILOutput",
     "abmil",
     "acmil",
+    "clam",
     "dsmil",
     "create_model",
     "list_models",

@@ -31,7 +31,7 @@ def single_bag(batch: PackedBatch, index: int) -> PackedBatch:
 
 
 def test_registry_lists_every_model() -> None:
-    expected = {"mean", "max", "abmil", "acmil", "dsmil"}
+    expected = {"mean", "max", "abmil", "acmil", "clam_sb", "dsmil"}
     assert expected <= set(MODEL_NAMES)
 
 
