@@ -85,15 +85,20 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def wrap_model(model: nn.Module, context: DistributedContext) -> nn.Module:
-    """The model on its device, wrapped in DistributedDataParallel when several processes run."""
+def wrap_model(
+    model: nn.Module, context: DistributedContext, find_unused_parameters: bool = False
+) -> nn.Module:
+    """The model on its device, wrapped in DistributedDataParallel when several processes run.
+
+    Set `find_unused_parameters` for models that skip some parameters in a step; DDP then
+    raises a message naming them when it is left unset.
+    """
     model = model.to(context.device)
     if context.world_size <= 1:
         return model
     device_ids = [context.device.index] if context.device.type == "cuda" else None
-    # Models may leave parameters unused in a step (masked ACMIL branches, empty residuals).
     return nn.parallel.DistributedDataParallel(
-        model, device_ids=device_ids, find_unused_parameters=True
+        model, device_ids=device_ids, find_unused_parameters=find_unused_parameters
     )
 
 
