@@ -1,0 +1,365 @@
+"""Bags of tile features read lazily from per-slide feature stores.
+
+A bag is one slide: its tile features [N, D], the level-0 (x, y) coordinates of the tiles and
+the slide's label. `BagDataset` opens each store only while it reads from it, so it can be
+pickled into DataLoader worker processes, and it checks every read: two-dimensional features of
+the data set's dimension, as many feature rows as coords, and no NaN or infinite value (the
+error names the slide, the file and the first bad row).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from preprocessing.errors import ConfigError, DuplicateSlideIdError, StoreFormatError
+from preprocessing.stores import open_feature_store
+
+logger = logging.getLogger(__name__)
+
+#: Suffixes of feature stores that `find_feature_stores` lists.
+FEATURE_STORE_SUFFIXES: tuple[str, ...] = (".h5", ".zarr")
+
+#: Reading a subset of rows reads the whole store and selects in memory when the subset is at
+#: least this share of the rows, because HDF5 point selections are slow for long index lists.
+FULL_READ_FRACTION = 0.25
+
+
+@dataclass
+class Bag:
+    """One slide's tiles.
+
+    Attributes:
+        slide_id: the slide id (feature store name without suffix).
+        features: float32 [N, D] tile features.
+        coords: int64 [N, 2] level-0 (x, y) top-left corners of the tiles.
+        label: class index, or None when the data set has no labels.
+        tile_index: int64 [N] row of each tile in the slide's feature store.
+    """
+
+    slide_id: str
+    features: torch.Tensor
+    coords: torch.Tensor
+    label: int | None = None
+    tile_index: torch.Tensor | None = None
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.features.shape[0])
+
+
+class FeatureSource(Protocol):
+    """Read access to one slide's features, as given by `open_feature_store`."""
+
+    coords: np.ndarray
+    attrs: dict[str, Any]
+
+    @property
+    def n_tiles(self) -> int: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def read_features(self, rows: np.ndarray | None = None) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+def _is_store_name(path: Path) -> bool:
+    return path.suffix in FEATURE_STORE_SUFFIXES and ".tmp-" not in path.name and (
+        ".old-" not in path.name)
+
+
+def find_feature_stores(directory: str | os.PathLike[str]) -> dict[str, Path]:
+    """Slide id → feature store path for every store directly inside `directory`.
+
+    A CLAM-style folder that keeps its stores in an `h5_files/` sub-folder is read from there.
+    Temporary files of an unfinished write (`*.tmp-<pid>`) are ignored.
+
+    Raises:
+        StoreFormatError: `directory` does not exist.
+        DuplicateSlideIdError: one slide id has two stores (`a.h5` and `a.zarr`).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise StoreFormatError(f"feature folder {directory} not found; run `slidemil extract` "
+                               "or pass the folder holding <slide_id>.h5 files")
+    candidates = [path for path in directory.iterdir() if _is_store_name(path)]
+    if not candidates and (directory / "h5_files").is_dir():
+        candidates = [path for path in (directory / "h5_files").iterdir() if _is_store_name(path)]
+    stores: dict[str, Path] = {}
+    for path in sorted(candidates):
+        slide_id = path.name[: -len(path.suffix)]
+        if slide_id in stores:
+            raise DuplicateSlideIdError(
+                f"slide {slide_id} has two feature stores, {stores[slide_id]} and {path}; "
+                "delete one of them"
+            )
+        stores[slide_id] = path
+    return stores
+
+
+@contextmanager
+def open_source(path: Path) -> Iterator[FeatureSource]:
+    """Open the feature store at `path` for reading and close it on exit."""
+    store = open_feature_store(path)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+class BagDataset(torch.utils.data.Dataset[Bag]):
+    """Slides of a feature folder (or explicit store paths) as bags, read on demand.
+
+    Args:
+        features: a folder of `<slide_id>.h5|.zarr` stores, a mapping slide id → store path,
+            or a sequence of store paths (the slide id is the file name without suffix).
+        slide_ids: slides to use, in this order; default: every store, sorted by id.
+        labels: class index per slide, as a sequence aligned with `slide_ids` or a mapping
+            slide id → index; None for unlabelled data (prediction).
+        cache: keep each bag's features in memory after its first read, as stored (float16
+            stores stay float16). Each DataLoader worker process keeps its own cache.
+        max_tiles: for training only: `dataset[i]` returns at most this many tiles of a bag,
+            drawn without replacement with a generator seeded by (`seed`, epoch, i). The
+            packed loaders apply their own cap and ignore this one.
+        seed: seed of the tile cap.
+
+    Raises:
+        StoreFormatError: a store is missing, unreadable or has the wrong dimension.
+        IncompleteStoreError: a store was never completed.
+        ConfigError: labels do not align with the slides.
+    """
+
+    def __init__(
+        self,
+        features: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]]
+        | Sequence[str | os.PathLike[str]],
+        slide_ids: Sequence[str] | None = None,
+        labels: Sequence[int | None] | Mapping[str, int] | None = None,
+        cache: bool = False,
+        max_tiles: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        paths = _resolve_paths(features)
+        if slide_ids is None:
+            slide_ids = sorted(paths)
+        missing = [slide_id for slide_id in slide_ids if slide_id not in paths]
+        if missing:
+            raise StoreFormatError(
+                f"no feature store for {len(missing)} slide(s), first: {missing[:5]}; "
+                "run `slidemil extract` for them or drop them from the label file"
+            )
+        if len(set(slide_ids)) != len(slide_ids):
+            raise DuplicateSlideIdError(f"slide ids repeat in {list(slide_ids)}")
+        if max_tiles is not None and max_tiles < 1:
+            raise ValueError(f"max_tiles must be >= 1 or None, got {max_tiles}")
+
+        self.slide_ids: list[str] = list(slide_ids)
+        self.paths: list[Path] = [paths[slide_id] for slide_id in self.slide_ids]
+        self.labels: list[int | None] = _align_labels(self.slide_ids, labels)
+        self.max_tiles = max_tiles
+        self.seed = seed
+        self.epoch = 0
+        self.cache_enabled = cache
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+        lengths, dims = [], set()
+        for slide_id, path in zip(self.slide_ids, self.paths, strict=True):
+            with open_source(path) as store:
+                lengths.append(store.n_tiles)
+                if store.n_tiles:
+                    dims.add((store.dim, slide_id, path))
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        dim_values = sorted({dim for dim, _, _ in dims})
+        if len(dim_values) > 1:
+            examples = {dim: (slide_id, str(path)) for dim, slide_id, path in sorted(dims)}
+            raise StoreFormatError(
+                f"feature stores have different dimensions {dim_values}: {examples}; "
+                "use stores of one backbone"
+            )
+        self.dim = dim_values[0] if dim_values else 0
+        empty = [slide_id for slide_id, n in zip(self.slide_ids, lengths, strict=True) if n == 0]
+        if empty:
+            logger.warning("%d slide(s) have no tiles and are left out of packed batches: %s",
+                           len(empty), ", ".join(empty[:10]))
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose seed draws the capped tiles of `dataset[i]`."""
+        self.epoch = epoch
+
+    def index_of(self, slide_id: str) -> int:
+        return self.slide_ids.index(slide_id)
+
+    def __getitem__(self, index: int) -> Bag:
+        n_tiles = int(self.lengths[index])
+        rows = None
+        if self.max_tiles is not None and n_tiles > self.max_tiles:
+            generator = np.random.default_rng([self.seed, self.epoch, index])
+            rows = np.sort(generator.choice(n_tiles, self.max_tiles, replace=False))
+        return self.read(index, rows)
+
+    def read(self, index: int, rows: np.ndarray | None = None) -> Bag:
+        """Read bag `index`, all tiles or the store rows `rows` in the given order, no cap."""
+        features, coords, tile_index = self.read_arrays(index, rows)
+        return Bag(
+            slide_id=self.slide_ids[index],
+            features=torch.from_numpy(features.astype(np.float32, copy=False)),
+            coords=torch.from_numpy(coords),
+            label=self.labels[index],
+            tile_index=torch.from_numpy(tile_index),
+        )
+
+    def read_arrays(
+        self, index: int, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Features [n, D] as stored, coords int64 [n, 2] and store rows int64 [n] of a bag."""
+        n_tiles = int(self.lengths[index])
+        if rows is None:
+            tile_index = np.arange(n_tiles, dtype=np.int64)
+        else:
+            tile_index = np.asarray(rows, dtype=np.int64).reshape(-1)
+            if tile_index.size and (tile_index.min() < 0 or tile_index.max() >= n_tiles):
+                raise IndexError(f"rows outside 0..{n_tiles - 1} requested from slide "
+                                 f"{self.slide_ids[index]}")
+        cached = self._cache.get(index)
+        if cached is not None:
+            features, coords = cached
+            if rows is None:
+                return features, coords, tile_index
+            return features[tile_index], coords[tile_index], tile_index
+
+        if self.cache_enabled or rows is None or tile_index.size >= FULL_READ_FRACTION * n_tiles:
+            features, coords = self._read_store(index, None)
+            if self.cache_enabled:
+                self._cache[index] = (features, coords)
+            if rows is not None:
+                features, coords = features[tile_index], coords[tile_index]
+            return features, coords, tile_index
+        features, coords = self._read_store(index, tile_index)
+        return features, coords, tile_index
+
+    def _read_store(
+        self, index: int, rows: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        slide_id, path = self.slide_ids[index], self.paths[index]
+        try:
+            with open_source(path) as store:
+                if store.n_tiles != int(self.lengths[index]):
+                    raise StoreFormatError(
+                        f"slide {slide_id}: {path} now has {store.n_tiles} tiles, "
+                        f"{int(self.lengths[index])} when the data set was opened; the store "
+                        "was rewritten during training. Restart the run"
+                    )
+                features = store.read_features(rows)
+                coords = store.coords if rows is None else store.coords[rows]
+        except OSError as err:
+            raise StoreFormatError(f"slide {slide_id}: reading {path} failed ({err}); "
+                                   "rerun `slidemil extract` for this slide") from err
+        check_features(slide_id, path, features, coords, self.dim, rows)
+        return features, np.ascontiguousarray(coords, dtype=np.int64)
+
+    def iter_bags(self) -> Iterator[Bag]:
+        """Every bag in order, all tiles (no cap)."""
+        for index in range(len(self)):
+            yield self.read(index)
+
+
+def check_features(
+    slide_id: str,
+    path: Path,
+    features: np.ndarray,
+    coords: np.ndarray,
+    dim: int,
+    rows: np.ndarray | None = None,
+) -> None:
+    """Validate features read from a store.
+
+    Args:
+        slide_id: slide the rows belong to, named in errors.
+        path: store the rows came from, named in errors.
+        features: [n, D] features.
+        coords: [n, 2] coords read for the same rows.
+        dim: expected D.
+        rows: store row of each feature row, to name the bad row; None means rows 0..n-1.
+
+    Raises:
+        StoreFormatError: wrong shape, rows and coords of different lengths, or a non-finite value.
+    """
+    if features.ndim != 2 or (features.shape[0] and features.shape[1] != dim):
+        raise StoreFormatError(
+            f"slide {slide_id}: {path} has features of shape {features.shape}, expected "
+            f"(N, {dim}); extract all slides with one backbone"
+        )
+    if coords.ndim != 2 or coords.shape != (features.shape[0], 2):
+        raise StoreFormatError(
+            f"slide {slide_id}: {path} has {features.shape[0]} feature rows but coords of shape "
+            f"{coords.shape}; rerun `slidemil extract` for this slide"
+        )
+    finite = np.isfinite(features).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        first = int(bad[0]) if rows is None else int(rows[bad[0]])
+        raise StoreFormatError(
+            f"slide {slide_id}: {path} has NaN or infinite features in {bad.size} row(s), first "
+            f"at row {first}; rerun `slidemil extract` for this slide (check the backbone "
+            "weights and the precision setting)"
+        )
+
+
+def _resolve_paths(
+    features: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]]
+    | Sequence[str | os.PathLike[str]],
+) -> dict[str, Path]:
+    if isinstance(features, str | os.PathLike):
+        return find_feature_stores(features)
+    if isinstance(features, Mapping):
+        return {str(slide_id): Path(path) for slide_id, path in features.items()}
+    paths: dict[str, Path] = {}
+    for item in features:
+        path = Path(item)
+        slide_id = path.name[: -len(path.suffix)] if path.suffix else path.name
+        if slide_id in paths:
+            raise DuplicateSlideIdError(f"slide {slide_id} is given twice: {paths[slide_id]} "
+                                        f"and {path}")
+        paths[slide_id] = path
+    return paths
+
+
+def _align_labels(
+    slide_ids: list[str], labels: Sequence[int | None] | Mapping[str, int] | None
+) -> list[int | None]:
+    if labels is None:
+        return [None] * len(slide_ids)
+    if isinstance(labels, Mapping):
+        missing = [slide_id for slide_id in slide_ids if slide_id not in labels]
+        if missing:
+            raise ConfigError(f"no label for {len(missing)} slide(s), first: {missing[:5]}; "
+                              "join the label file first and pass only matched slides")
+        values: list[int | None] = [labels[slide_id] for slide_id in slide_ids]
+    else:
+        values = list(labels)
+        if len(values) != len(slide_ids):
+            raise ConfigError(f"{len(values)} labels for {len(slide_ids)} slides; pass one label "
+                              "per slide")
+    out: list[int | None] = []
+    for slide_id, value in zip(slide_ids, values, strict=True):
+        if value is None:
+            out.append(None)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise ConfigError(f"label {value!r} of slide {slide_id} is not a class index; map "
+                              "labels with ClassMap.index first")
+        out.append(int(value))
+    return out
