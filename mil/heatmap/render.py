@@ -1,0 +1,368 @@
+"""Render all heatmap outputs of one slide from its attention store and the slide itself."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from mil.heatmap.config import GeoJsonOrigin, HeatmapConfig
+from mil.heatmap.gallery import (
+    gallery_tiles,
+    render_gallery,
+    select_extreme_tiles,
+    write_gallery_csv,
+)
+from mil.heatmap.geojson import write_tile_geojson
+from mil.heatmap.normalize import Normalization, NormalizedScores, normalize_scores
+from mil.heatmap.overlay import blend_scores, render_figure
+from mil.heatmap.raster import rasterize_tiles, tile_boxes
+from preprocessing.errors import StoreFormatError
+from preprocessing.stores import AttentionStore
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_NAME = "summary.json"
+
+
+class HeatmapSlide(Protocol):
+    """What rendering needs from a slide (satisfied by `preprocessing.slide.Slide`)."""
+
+    @property
+    def dimensions(self) -> tuple[int, int]: ...
+
+    def get_thumbnail(self, max_size: int) -> np.ndarray: ...
+
+    def read_tile(
+        self, x: int, y: int, tile_px_level0: float, read_level: int, tile_px: int
+    ) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class ScoreMap:
+    """One map to draw: a name for files and captions, and one raw score per kept tile."""
+
+    name: str
+    title: str
+    scores: np.ndarray
+
+
+def bounds_origin(slide: object) -> tuple[int, int]:
+    """Level-0 (x, y) of the slide's bounds origin; (0, 0) for slides without bounds."""
+    bounds = getattr(slide, "bounds", None)
+    if bounds is None:
+        return 0, 0
+    if hasattr(bounds, "x") and hasattr(bounds, "y"):
+        return int(bounds.x), int(bounds.y)
+    values = tuple(bounds)
+    return int(values[0]), int(values[1])
+
+
+def _file_label(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "head"
+
+
+def _json_attr(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def class_names(attrs: dict[str, Any]) -> list[str]:
+    """Class names in index order from the store's `classes` attribute (JSON list or map)."""
+    classes = _json_attr(attrs.get("classes"))
+    if isinstance(classes, dict):
+        return [str(name) for name, _ in sorted(classes.items(), key=lambda item: int(item[1]))]
+    if isinstance(classes, list):
+        return [str(name) for name in classes]
+    return []
+
+
+def predicted_class_name(attrs: dict[str, Any]) -> str | None:
+    """Predicted class as a name; an index is looked up in `classes`."""
+    predicted = attrs.get("predicted_class")
+    if predicted is None or predicted == "":
+        return None
+    names = class_names(attrs)
+    if isinstance(predicted, (int, np.integer)) and 0 <= int(predicted) < len(names):
+        return names[int(predicted)]
+    return str(predicted)
+
+
+def head_names(attrs: dict[str, Any], n_heads: int) -> tuple[list[str], bool]:
+    """Names of the H attention heads and whether they are per-class heads.
+
+    Uses the store's `head_names` attribute (JSON list) when it has H entries; heads are per
+    class when `attention_per_class` is true and H equals the number of classes.
+    """
+    names = _json_attr(attrs.get("head_names"))
+    per_class = bool(attrs.get("attention_per_class", False))
+    classes = class_names(attrs)
+    if per_class and len(classes) == n_heads:
+        return [f"class {name}" for name in classes], True
+    if isinstance(names, list) and len(names) == n_heads:
+        return [str(name) for name in names], False
+    return [f"branch {index}" for index in range(n_heads)], False
+
+
+def score_maps(store: AttentionStore, keep: np.ndarray, per_head: bool) -> list[ScoreMap]:
+    """The maps to draw for a store: the slide map first, then one per head if asked.
+
+    The slide map of [N, H] attention is the head of the predicted class for per-class heads,
+    else the mean over heads.
+    """
+    attention = store.attention[keep]
+    if attention.ndim == 1:
+        return [ScoreMap("attention", "attention", attention.astype(np.float64))]
+    names, per_class = head_names(store.attrs, attention.shape[1])
+    predicted = predicted_class_name(store.attrs)
+    if per_class and predicted is not None and f"class {predicted}" in names:
+        column = names.index(f"class {predicted}")
+        main = ScoreMap("attention", f"attention of predicted class {predicted}",
+                        attention[:, column].astype(np.float64))
+    else:
+        main = ScoreMap("attention", f"attention, mean of {attention.shape[1]} heads",
+                        attention.mean(axis=1, dtype=np.float64))
+    maps = [main]
+    if per_head:
+        for column, name in enumerate(names):
+            maps.append(ScoreMap(f"attention_{_file_label(name)}", f"attention, {name}",
+                                 attention[:, column].astype(np.float64)))
+    return maps
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_json(data: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _tile_px_level0(store: AttentionStore) -> float:
+    value = store.attrs.get("tile_px_level0")
+    try:
+        size = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        size = math.nan
+    if not (math.isfinite(size) and size > 0):
+        raise StoreFormatError(
+            f"{store.path}: attribute tile_px_level0 is missing or invalid ({value!r}); the "
+            "attention store must carry the tile side in level-0 pixels. Rerun `slidemil "
+            "predict` with feature stores written by `slidemil extract`."
+        )
+    return size
+
+
+def check_store(store: AttentionStore) -> tuple[np.ndarray, int]:
+    """Validate shapes and find the tiles with finite scores.
+
+    Returns:
+        keep: bool [N], True for rows whose scores are all finite.
+        n_dropped: rows with a NaN or infinite score.
+
+    Raises:
+        StoreFormatError: attention and coords lengths differ, attention is not [N] or [N, H],
+            or no tile has a finite score.
+    """
+    attention, coords = store.attention, store.coords
+    if attention.ndim not in (1, 2):
+        raise StoreFormatError(
+            f"{store.path}: attention has shape {attention.shape}, expected [N] or [N, H]"
+        )
+    if attention.shape[0] != coords.shape[0]:
+        raise StoreFormatError(
+            f"{store.path}: attention has {attention.shape[0]} rows but coords has "
+            f"{coords.shape[0]}; they must be row-aligned. Rerun `slidemil predict` for "
+            "this slide."
+        )
+    finite = np.isfinite(attention)
+    keep = finite if finite.ndim == 1 else finite.all(axis=1)
+    n_dropped = int((~keep).sum())
+    if n_dropped:
+        first = np.flatnonzero(~keep)[:5].tolist()
+        logger.warning("%s: dropped %d of %d tiles with NaN or infinite attention (rows %s%s)",
+                       store.path, n_dropped, keep.size, first, ", ..." if n_dropped > 5 else "")
+    if not keep.any():
+        raise StoreFormatError(
+            f"{store.path}: none of the {keep.size} tiles has a finite attention score; check "
+            "the model and the feature store of this slide, then rerun `slidemil predict`."
+        )
+    return keep, n_dropped
+
+
+def _check_slide_size(store: AttentionStore, slide: HeatmapSlide) -> tuple[int, int]:
+    width, height = (int(v) for v in slide.dimensions)
+    stored = (store.attrs.get("level0_width"), store.attrs.get("level0_height"))
+    if all(isinstance(v, (int, np.integer)) for v in stored) and (
+        (int(stored[0]), int(stored[1])) != (width, height)  # type: ignore[arg-type]
+    ):
+        raise StoreFormatError(
+            f"{store.path}: the store was made from a slide of {stored[0]}x{stored[1]} level-0 "
+            f"pixels but {getattr(slide, 'path', 'the slide')} is {width}x{height}; pass the "
+            "slide the attention was computed on (--slides)."
+        )
+    return width, height
+
+
+def thumbnail_max_size(level0_size: tuple[int, int], cfg: HeatmapConfig) -> int:
+    """Longest thumbnail side in pixels from `downsample` if set, else `max_size`."""
+    if cfg.downsample is not None:
+        return max(1, math.ceil(max(level0_size) / cfg.downsample))
+    return cfg.max_size
+
+
+def _caption(
+    slide_id: str, store: AttentionStore, score_map: ScoreMap, normalized: NormalizedScores,
+    n_tiles: int, n_dropped: int,
+) -> list[str]:
+    predicted = predicted_class_name(store.attrs)
+    probability = store.attrs.get("probability")
+    line = f"slide {slide_id}"
+    if predicted is not None:
+        line += f"  |  predicted: {predicted}"
+        if isinstance(probability, (int, float)) and math.isfinite(probability):
+            line += f" (p = {probability:.3f})"
+    if store.attrs.get("model"):
+        line += f"  |  model: {store.attrs['model']}"
+    tiles = f"{n_tiles} tiles" + (f", {n_dropped} NaN dropped" if n_dropped else "")
+    return [line, f"map: {score_map.title}  |  {tiles}",
+            f"colour: {normalized.label}"]
+
+
+def render_slide(
+    store: AttentionStore,
+    slide: HeatmapSlide,
+    output_dir: Path,
+    cfg: HeatmapConfig,
+    slide_id: str | None = None,
+) -> dict[str, Any]:
+    """Write the overlays, GeoJSON, gallery and summary of one slide into `output_dir`.
+
+    Args:
+        store: the slide's attention [N] or [N, H] with level-0 coords [N, 2].
+        slide: the open slide the attention was computed on.
+        output_dir: folder of this slide's outputs; `summary.json` is written last.
+        cfg: stage settings.
+        slide_id: name in captions; the store's `slide_id` attribute by default.
+
+    Returns:
+        The summary written to `summary.json`.
+    """
+    slide_id = slide_id or str(store.attrs.get("slide_id") or store.path.stem)
+    keep, n_dropped = check_store(store)
+    tile_px_level0 = _tile_px_level0(store)
+    level0_size = _check_slide_size(store, slide)
+    coords = store.coords[keep]
+    n_tiles = int(coords.shape[0])
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    thumbnail = np.asarray(slide.get_thumbnail(thumbnail_max_size(level0_size, cfg)))[..., :3]
+    thumb_height, thumb_width = thumbnail.shape[:2]
+    maps = score_maps(store, keep, cfg.per_head)
+    normalized = [normalize_scores(m.scores, cfg.normalization, cfg.raw_range) for m in maps]
+    raster = rasterize_tiles(
+        np.stack([n.values for n in normalized], axis=1),
+        tile_boxes(coords, tile_px_level0),
+        level0_size,
+        (thumb_width, thumb_height),
+    )
+    files: dict[str, str] = {}
+    for index, (score_map, norm) in enumerate(zip(maps, normalized, strict=True)):
+        blended = blend_scores(thumbnail, raster.mean[..., index], raster.coverage,
+                               cfg.colormap, cfg.opacity)
+        figure = render_figure(blended, norm, cfg.colormap,
+                               _caption(slide_id, store, score_map, norm, n_tiles, n_dropped))
+        name = "heatmap.png" if index == 0 else f"heatmap_{score_map.name[len('attention_'):]}.png"
+        _save_png(figure, output_dir / name)
+        files[score_map.name] = name
+    del raster
+
+    origin = bounds_origin(slide) if cfg.geojson_origin is GeoJsonOrigin.bounds else (0, 0)
+    if cfg.geojson:
+        measurements = {"attention": maps[0].scores}
+        scale = 100.0 if cfg.normalization is Normalization.percentile else 1.0
+        measurements[f"attention {cfg.normalization.value}"] = normalized[0].values * scale
+        for score_map in maps[1:]:
+            measurements[score_map.title] = score_map.scores
+        write_tile_geojson(
+            output_dir / "tiles.geojson", coords, tile_px_level0, measurements,
+            normalized[0].values, cfg.colormap, origin_xy=origin,
+            object_type=cfg.geojson_object_type,
+        )
+        files["geojson"] = "tiles.geojson"
+
+    if cfg.top_k > 0:
+        store_rows = np.flatnonzero(keep)
+        high, low = select_extreme_tiles(maps[0].scores, cfg.top_k)
+        tiles = gallery_tiles(coords, maps[0].scores, normalized[0].values, high, "highest",
+                              store_rows)
+        tiles += gallery_tiles(coords, maps[0].scores, normalized[0].values, low, "lowest",
+                               store_rows)
+        gallery = render_gallery(
+            slide, tiles, tile_px_level0, tile_px=cfg.gallery_tile_px,
+            title=f"slide {slide_id}: {cfg.top_k} highest and lowest attention tiles",
+            normalized_label=cfg.normalization.value,
+        )
+        _save_png(gallery, output_dir / "top_tiles.png")
+        write_gallery_csv(output_dir / "top_tiles.csv", tiles, tile_px_level0)
+        files["gallery"] = "top_tiles.png"
+        files["gallery_csv"] = "top_tiles.csv"
+
+    summary: dict[str, Any] = {
+        "slide_id": slide_id,
+        "attention_path": str(store.path),
+        "slide_path": str(getattr(slide, "path", store.attrs.get("slide_path", ""))),
+        "n_tiles": n_tiles,
+        "n_dropped_nan": n_dropped,
+        "n_heads": 1 if store.attention.ndim == 1 else int(store.attention.shape[1]),
+        "tile_px_level0": tile_px_level0,
+        "level0_size": list(level0_size),
+        "thumbnail_size": [thumb_width, thumb_height],
+        "scale_xy": [thumb_width / level0_size[0], thumb_height / level0_size[1]],
+        "map_box_px": [0, 0, thumb_width, thumb_height],
+        "normalization": cfg.normalization.value,
+        "colormap": cfg.colormap.value,
+        "geojson_origin": list(origin),
+        "predicted_class": predicted_class_name(store.attrs),
+        "probability": store.attrs.get("probability"),
+        "maps": [m.title for m in maps],
+        "files": files,
+        "complete": True,
+    }
+    _write_json(summary, output_dir / SUMMARY_NAME)
+    return summary
+
+
+def is_complete_output(output_dir: Path) -> bool:
+    """True when `output_dir` holds a summary written by a finished `render_slide`."""
+    path = Path(output_dir) / SUMMARY_NAME
+    try:
+        return bool(json.loads(path.read_text(encoding="utf-8")).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+

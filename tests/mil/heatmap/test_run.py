@@ -1,0 +1,130 @@
+"""Batch mode: manifest rows for good and bad slides, resume, slide overrides."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from mil.heatmap import HeatmapConfig, run_heatmaps
+from preprocessing.errors import ConfigError
+
+if TYPE_CHECKING:
+    from conftest import SyntheticCase
+
+
+def _manifest(path: Path) -> dict[str, dict[str, str]]:
+    with open(path, newline="") as handle:
+        return {row["id"]: row for row in csv.DictReader(handle)}
+
+
+def _config(attention: Path, out: Path, **options: object) -> HeatmapConfig:
+    return HeatmapConfig(attention_dir=attention, output_dir=out, max_size=128, top_k=2,
+                         gallery_tile_px=32, **options)  # type: ignore[arg-type]
+
+
+def test_batch_writes_outputs_and_manifest(
+    tmp_path: Path, make_case: Callable[..., SyntheticCase]
+) -> None:
+    attention = tmp_path / "attention"
+    make_case(attention, "slide-a")
+    make_case(attention, "slide.b.v2")
+    missing = make_case(attention, "slide-c")
+    missing.slide_path.unlink()
+
+    result = run_heatmaps(_config(attention, tmp_path / "out"))
+    assert (result.n_ok, result.n_failed, result.n_skipped) == (2, 1, 0)
+    rows = _manifest(result.manifest_path)
+    assert rows["slide-a"]["status"] == "ok"
+    assert int(rows["slide-a"]["n_tiles"]) == 260
+    assert rows["slide-c"]["status"] == "failed"
+    assert rows["slide-c"]["error_type"] == "unreadable"
+    assert "slide-c.tif" in rows["slide-c"]["message"]
+    for name in ("heatmap.png", "tiles.geojson", "top_tiles.png", "top_tiles.csv",
+                 "summary.json"):
+        assert (tmp_path / "out" / "slide.b.v2" / name).exists()
+    assert not (tmp_path / "out" / "slide-c" / "summary.json").exists()
+
+
+def test_rerun_skips_complete_slides(tmp_path: Path,
+                                     make_case: Callable[..., SyntheticCase]) -> None:
+    attention = tmp_path / "attention"
+    make_case(attention, "slide-a")
+    first = run_heatmaps(_config(attention, tmp_path / "out"))
+    assert first.n_ok == 1
+    second = run_heatmaps(_config(attention, tmp_path / "out"))
+    assert (second.n_ok, second.n_skipped) == (0, 1)
+    third = run_heatmaps(_config(attention, tmp_path / "out", overwrite=True))
+    assert third.n_ok == 1
+
+
+def test_missing_attention_file_is_manifest_row(
+    tmp_path: Path, make_case: Callable[..., SyntheticCase]
+) -> None:
+    attention = tmp_path / "attention"
+    make_case(attention, "slide-a")
+    result = run_heatmaps(_config(attention, tmp_path / "out",
+                                  slide_ids=["slide-a", "slide-x"]))
+    assert (result.n_ok, result.n_failed) == (1, 1)
+    row = _manifest(result.manifest_path)["slide-x"]
+    assert row["error_type"] == "bad_store"
+    assert "slide-x.h5" in row["message"]
+    assert "not found" in row["message"]
+
+
+def test_single_store_and_slide_override(tmp_path: Path,
+                                         make_case: Callable[..., SyntheticCase]) -> None:
+    case = make_case(tmp_path / "attention", "slide-a")
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.move(case.slide_path, moved / case.slide_path.name)
+
+    failed = run_heatmaps(_config(case.store_path, tmp_path / "out"))
+    assert failed.n_failed == 1
+    result = run_heatmaps(_config(case.store_path, tmp_path / "out", slides=str(moved)))
+    assert result.n_ok == 1
+    assert (tmp_path / "out" / "slide-a" / "summary.json").exists()
+
+
+def test_run_folder_with_attention_subfolder(
+    tmp_path: Path, make_case: Callable[..., SyntheticCase]
+) -> None:
+    make_case(tmp_path / "run" / "attention", "slide-a")
+    result = run_heatmaps(_config(tmp_path / "run", tmp_path / "out"))
+    assert result.n_ok == 1
+
+
+def test_no_stores_is_config_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no attention stores"):
+        run_heatmaps(_config(tmp_path / "empty", tmp_path / "out"))
+
+
+def test_missing_folder_is_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        run_heatmaps(_config(tmp_path / "nowhere", tmp_path / "out"))
+
+
+def test_stop_on_first_error(tmp_path: Path, make_case: Callable[..., SyntheticCase]) -> None:
+    attention = tmp_path / "attention"
+    make_case(attention, "slide-a").slide_path.unlink()
+    make_case(attention, "slide-b")
+    with pytest.raises(Exception, match="slide-a.tif"):
+        run_heatmaps(_config(attention, tmp_path / "out", skip_errors=False))
+    rows = _manifest(tmp_path / "out" / "manifest.csv")
+    assert rows["slide-a"]["status"] == "failed"
+    assert "slide-b" not in rows
+
+
+def test_shard_selects_part(tmp_path: Path, make_case: Callable[..., SyntheticCase]) -> None:
+    attention = tmp_path / "attention"
+    make_case(attention, "slide-a")
+    make_case(attention, "slide-b")
+    result = run_heatmaps(_config(attention, tmp_path / "out", shard="1/2"))
+    assert result.n_ok == 1
+    assert (tmp_path / "out" / "slide-b" / "summary.json").exists()
+    assert not (tmp_path / "out" / "slide-a").exists()
