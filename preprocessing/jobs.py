@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rich.logging import RichHandler
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -342,6 +343,11 @@ class _RateColumn(ProgressColumn):
 
 
 def _progress(stage: str, enabled: bool) -> Progress:
+    # Draw on the console of the rich log handler, if the CLI set one up, so that log lines
+    # scroll above the bar instead of breaking it.
+    console = next(
+        (h.console for h in logging.getLogger().handlers if isinstance(h, RichHandler)), None
+    )
     return Progress(
         TextColumn(f"[bold]{stage}[/bold]"),
         BarColumn(),
@@ -349,6 +355,7 @@ def _progress(stage: str, enabled: bool) -> Progress:
         _RateColumn(),
         TimeElapsedColumn(),
         TextColumn("{task.fields[current]}"),
+        console=console,
         disable=not enabled,
     )
 

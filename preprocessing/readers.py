@@ -51,13 +51,17 @@ class Reader(Protocol):
 
 def composite_rgba_on_white(rgba: np.ndarray, premultiplied: bool = False) -> np.ndarray:
     """Composite RGBA uint8 [H, W, 4] on a white background, returning RGB uint8 [H, W, 3]."""
-    rgb = rgba[..., :3].astype(np.float32)
-    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    alpha = rgba[..., 3:4]
+    if alpha.min(initial=255) == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    rgb = rgba[..., :3].astype(np.uint32)
+    transparent = 255 - alpha.astype(np.uint32)
+    # Integer arithmetic in 1/255 units; + 127 rounds to nearest.
     if premultiplied:
-        out = rgb + 255.0 * (1.0 - alpha)
+        out = rgb + transparent
     else:
-        out = rgb * alpha + 255.0 * (1.0 - alpha)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        out = (rgb * alpha + 255 * transparent + 127) // 255
+    return np.minimum(out, 255).astype(np.uint8)
 
 
 def to_rgb8(
@@ -125,9 +129,7 @@ class OpenSlideReader:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._handle: openslide.OpenSlide | None = openslide.OpenSlide(str(path))
-        self.level_dimensions = tuple(
-            (int(w), int(h)) for w, h in self._handle.level_dimensions
-        )
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._handle.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._handle.level_downsamples)
         self.properties: Mapping[str, str] = dict(self._handle.properties)
 

@@ -212,16 +212,10 @@ class Slide:
 
 
 def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
-    """Average `factor` x `factor` blocks of uint8 [H, W, 3], edge blocks padded by repetition."""
+    """Average `factor` x `factor` blocks of uint8 [H, W, 3]; edge blocks average their pixels."""
     if factor == 1:
         return image
-    height, width = image.shape[:2]
-    pad_h, pad_w = (-height) % factor, (-width) % factor
-    data = image.astype(np.float32)
-    if pad_h or pad_w:
-        data = np.pad(data, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    blocks = data.reshape(data.shape[0] // factor, factor, data.shape[1] // factor, factor, 3)
-    return np.rint(blocks.mean(axis=(1, 3))).astype(np.uint8)
+    return np.asarray(Image.fromarray(image).reduce(factor))
 
 
 def _bounds(

@@ -1,0 +1,341 @@
+"""The tiling stage: slides → tissue masks → level-0 tile grids in coords stores.
+
+Per slide it writes, in `output_dir`:
+
+- ``<slide_id>.h5``: coords store (dataset ``coords`` int64 [N, 2], level-0 top-left (x, y))
+  with the attributes listed in `coords_attrs`; written last, so a complete store implies the
+  files below exist;
+- ``qc/<slide_id>.png``: thumbnail with the tissue outline and the kept tiles;
+- ``tissue/<slide_id>.geojson``: tissue polygons in level-0 pixels (QuPath annotations);
+
+and once per run ``manifest.csv`` and ``tiling_config.yaml`` (the resolved config).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from preprocessing import jobs
+from preprocessing.contours import mask_polygons, tissue_geojson
+from preprocessing.errors import ConfigError, TileReadError
+from preprocessing.grid import GridGeometry, grid_geometry, tile_grid, tissue_fractions
+from preprocessing.inputs import SlideInput, list_slides, read_mpp_csv
+from preprocessing.mpp import magnification_from_mpp
+from preprocessing.qc import draw_qc, save_png
+from preprocessing.slide import Slide, open_slide
+from preprocessing.stores import is_complete_store, read_coords_store, write_coords_store
+from preprocessing.tissue import TissueMask, TissueMethod, TissueSettings, detect_tissue
+
+logger = logging.getLogger(__name__)
+
+STAGE = "tile"
+#: Longest side of the tissue-detection thumbnail, which bounds its memory and time.
+MAX_THUMBNAIL_SIDE = 8192
+#: A tile footprint spans at least this many thumbnail pixels, so tissue fractions are fine-grained.
+MIN_THUMBNAIL_PX_PER_TILE = 8.0
+#: Store attributes that must match the config for an existing store to be reused.
+GEOMETRY_ATTRS = ("target_mpp", "tile_px", "overlap_px", "min_tissue_fraction")
+
+
+class TilingConfig(BaseModel):
+    """Settings of `slidemil tile`; CLI options map 1:1 to these fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slides: str = Field(description="Folder, glob pattern or CSV (column 'path') of slides.")
+    output_dir: Path = Field(description="Folder for coords stores, QC images and manifest.")
+    target_mpp: float = Field(0.5, gt=0, description="µm per pixel of the tiles.")
+    tile_px: int = Field(224, ge=8, description="Tile side in pixels at target_mpp.")
+    overlap_px: int = Field(0, ge=0, description="Overlap of neighbouring tiles, px at target_mpp.")
+    mpp: float | None = Field(None, gt=0, description="µm per level-0 pixel for slides without.")
+    mpp_csv: Path | None = Field(None, description="CSV 'slide_id,mpp' of per-slide overrides.")
+    level_tolerance: float = Field(
+        0.05, ge=0, lt=1, description="Relative slack when picking the level to read from."
+    )
+    tissue_method: TissueMethod = "auto"
+    tissue_threshold: float | None = Field(None, ge=0, le=255)
+    tissue_mpp: float = Field(4.0, gt=0, description="µm per pixel of the detection thumbnail.")
+    smoothing_um: float = Field(16.0, ge=0)
+    min_tissue_area_um2: float = Field(10_000.0, ge=0)
+    min_hole_area_um2: float = Field(2_500.0, ge=0)
+    remove_pen_marks: bool = False
+    min_tissue_fraction: float = Field(0.25, ge=0, le=1)
+    verify_tiles: bool = Field(False, description="Decode every kept tile; drop unreadable ones.")
+    max_bad_tile_fraction: float = Field(0.05, ge=0, le=1)
+    recursive: bool = False
+    overwrite: bool = False
+    skip_errors: bool = True
+    shard: str | None = None
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check_overlap(self) -> TilingConfig:
+        if self.overlap_px >= self.tile_px:
+            raise ValueError(
+                f"overlap_px ({self.overlap_px}) must be below tile_px ({self.tile_px})"
+            )
+        return self
+
+    def tissue_settings(self) -> TissueSettings:
+        """The tissue detection part of the config."""
+        return TissueSettings(
+            method=self.tissue_method,
+            threshold=self.tissue_threshold,
+            smoothing_um=self.smoothing_um,
+            min_tissue_area_um2=self.min_tissue_area_um2,
+            min_hole_area_um2=self.min_hole_area_um2,
+            remove_pen_marks=self.remove_pen_marks,
+        )
+
+
+def coords_store_path(output_dir: Path, slide_id: str) -> Path:
+    """Path of a slide's coords store."""
+    return output_dir / f"{slide_id}.h5"
+
+
+def run_tiling(cfg: TilingConfig) -> jobs.StageResult:
+    """Tile every slide of `cfg.slides`; see the module docstring for the outputs.
+
+    Raises:
+        ConfigError / DuplicateSlideIdError: before any slide is processed.
+        SlidemilError: the first failing slide's error when `cfg.skip_errors` is False.
+    """
+    slides = list_slides(cfg.slides, recursive=cfg.recursive)
+    overrides = read_mpp_csv(cfg.mpp_csv) if cfg.mpp_csv is not None else {}
+    unknown = sorted(set(overrides) - {s.slide_id for s in slides})
+    if unknown:
+        logger.warning(
+            "mpp CSV lists %d slide ids not in the slide list: %s", len(unknown), unknown
+        )
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _save_config(cfg, output_dir / "tiling_config.yaml")
+
+    def is_done(slide: SlideInput) -> bool:
+        return not cfg.overwrite and _reusable_store(
+            coords_store_path(output_dir, slide.slide_id), cfg
+        )
+
+    def process(slide: SlideInput) -> jobs.SlideOutcome:
+        mpp_override = overrides.get(slide.slide_id, slide.mpp)
+        return tile_slide(slide, cfg, mpp_override=mpp_override)
+
+    return jobs.run_slides(
+        slides,
+        process,
+        stage=STAGE,
+        output_dir=output_dir,
+        is_done=is_done,
+        skip_errors=cfg.skip_errors,
+        shard=cfg.shard,
+        progress=cfg.progress,
+    )
+
+
+def tile_slide(
+    slide_input: SlideInput, cfg: TilingConfig, mpp_override: float | None = None
+) -> jobs.SlideOutcome:
+    """Detect tissue and write the coords store, QC PNG and GeoJSON of one slide."""
+    output_dir = Path(cfg.output_dir)
+    store_path = coords_store_path(output_dir, slide_input.slide_id)
+    with open_slide(
+        slide_input.path, mpp=mpp_override, default_mpp=cfg.mpp, slide_id=slide_input.slide_id
+    ) as slide:
+        slide_mpp = slide.require_mpp()
+        try:
+            geometry = grid_geometry(cfg.tile_px, cfg.overlap_px, cfg.target_mpp, slide_mpp)
+        except ValueError as err:
+            raise ConfigError(f"{slide.path}: {err}") from err
+        read_level = slide.best_level_for_mpp(cfg.target_mpp, cfg.level_tolerance)
+        if cfg.target_mpp < slide_mpp * (1 - cfg.level_tolerance):
+            logger.warning(
+                "%s: target %.3f µm/px is finer than the slide's %.3f µm/px; tiles are upsampled",
+                slide.slide_id,
+                cfg.target_mpp,
+                slide_mpp,
+            )
+
+        thumbnail, scale = _detection_thumbnail(slide, geometry, cfg.tissue_mpp)
+        thumbnail_mpp = slide_mpp * scale[0]
+        region = _bounds_mask(slide, scale, thumbnail)
+        tissue = detect_tissue(thumbnail, thumbnail_mpp, cfg.tissue_settings(), region)
+        grid = tile_grid(slide.bounds, geometry)
+        fractions = tissue_fractions(grid, geometry.tile_px_level0, tissue.mask, scale)
+        coords = grid[fractions >= cfg.min_tissue_fraction]
+
+        bad: list[tuple[int, int]] = []
+        if cfg.verify_tiles and len(coords):
+            coords, bad = _verify_tiles(slide, coords, geometry, read_level, cfg.tile_px)
+
+        status, message = _status(len(coords), len(bad), cfg.max_bad_tile_fraction)
+        attrs = coords_attrs(slide, cfg, geometry, read_level, tissue, status)
+        attrs.update(tissue_mpp=thumbnail_mpp, n_grid_tiles=len(grid), n_bad_tiles=len(bad))
+
+        polygons = mask_polygons(tissue.mask)
+        geojson = tissue_geojson(
+            polygons, scale, slide_mpp, {"slide_id": slide.slide_id, "tissue_method": tissue.method}
+        )
+        _write_json(output_dir / "tissue" / f"{slide.slide_id}.geojson", geojson)
+        qc = draw_qc(thumbnail, polygons, coords, geometry.tile_px_level0, scale)
+        save_png(qc, output_dir / "qc" / f"{slide.slide_id}.png")
+        write_coords_store(store_path, coords, attrs)
+
+    logger.info(
+        "%s: %d tiles (%s), read level %d", slide_input.slide_id, len(coords), status, read_level
+    )
+    return jobs.SlideOutcome(status=status, n_tiles=len(coords), message=message)
+
+
+def coords_attrs(
+    slide: Slide,
+    cfg: TilingConfig,
+    geometry: GridGeometry,
+    read_level: int,
+    tissue: TissueMask,
+    status: str,
+) -> dict[str, Any]:
+    """Coords store attributes: slidemil's names plus the TRIDENT/CLAM names that mean the same."""
+    width, height = slide.dimensions
+    return {
+        "slide_id": slide.slide_id,
+        "slide_path": str(Path(slide.path).resolve()),
+        "slide_mpp": float(slide.require_mpp()),
+        "mpp_source": slide.mpp_source or "",
+        "reader": slide.reader,
+        "target_mpp": float(cfg.target_mpp),
+        "tile_px": int(cfg.tile_px),
+        "tile_px_level0": float(geometry.tile_px_level0),
+        "stride_level0": float(geometry.stride_level0),
+        "overlap_px": int(cfg.overlap_px),
+        "read_level": int(read_level),
+        "read_downsample": float(slide.level_downsamples[read_level]),
+        "level0_width": int(width),
+        "level0_height": int(height),
+        "bounds": [int(v) for v in slide.bounds],
+        "tissue_method": tissue.method,
+        "tissue_threshold": float(tissue.threshold),
+        "tissue_mpp": float(cfg.tissue_mpp),  # replaced by the thumbnail's actual mpp
+        "smoothing_um": float(cfg.smoothing_um),
+        "min_tissue_area_um2": float(cfg.min_tissue_area_um2),
+        "min_hole_area_um2": float(cfg.min_hole_area_um2),
+        "remove_pen_marks": bool(cfg.remove_pen_marks),
+        "min_tissue_fraction": float(cfg.min_tissue_fraction),
+        "status": status,
+        "slidemil_version": _version(),
+        # TRIDENT / CLAM names with the same meaning.
+        "patch_size": int(cfg.tile_px),
+        "patch_size_level0": int(round(geometry.tile_px_level0)),
+        "target_magnification": magnification_from_mpp(cfg.target_mpp),
+        "overlap": int(cfg.overlap_px),
+    }
+
+
+def _detection_thumbnail(
+    slide: Slide, geometry: GridGeometry, tissue_mpp: float
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Thumbnail for tissue detection and its level-0 pixels per thumbnail pixel (x, y).
+
+    Its resolution is `tissue_mpp`, made finer when a tile would span fewer than
+    `MIN_THUMBNAIL_PX_PER_TILE` pixels and coarser when its side would exceed
+    `MAX_THUMBNAIL_SIDE`; it is never finer than level 0.
+    """
+    width, height = slide.dimensions
+    downsample = tissue_mpp / slide.require_mpp()
+    downsample = min(downsample, geometry.tile_px_level0 / MIN_THUMBNAIL_PX_PER_TILE)
+    downsample = max(downsample, max(width, height) / MAX_THUMBNAIL_SIDE, 1.0)
+    thumbnail = slide.get_downsampled(downsample)
+    scale = (width / thumbnail.shape[1], height / thumbnail.shape[0])
+    return thumbnail, scale
+
+
+def _bounds_mask(slide: Slide, scale: tuple[float, float], thumbnail: np.ndarray) -> np.ndarray:
+    """bool [h, w]: thumbnail pixels whose centre lies inside the slide's scanned area."""
+    height, width = thumbnail.shape[:2]
+    bx, by, bw, bh = slide.bounds
+    centres_x = (np.arange(width) + 0.5) * scale[0]
+    centres_y = (np.arange(height) + 0.5) * scale[1]
+    inside_x = (centres_x >= bx) & (centres_x < bx + bw)
+    inside_y = (centres_y >= by) & (centres_y < by + bh)
+    return inside_y[:, None] & inside_x[None, :]
+
+
+def _verify_tiles(
+    slide: Slide, coords: np.ndarray, geometry: GridGeometry, read_level: int, tile_px: int
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Decode every tile; return the readable coords and the level-0 (x, y) of the others."""
+    keep = np.ones(len(coords), dtype=bool)
+    bad: list[tuple[int, int]] = []
+    for index, (x, y) in enumerate(coords.tolist()):
+        try:
+            slide.read_tile(x, y, geometry.tile_px_level0, read_level, tile_px)
+        except TileReadError as err:
+            keep[index] = False
+            bad.append((x, y))
+            logger.warning("%s: skipped tile at level-0 (%d, %d): %s", slide.slide_id, x, y, err)
+    return coords[keep], bad
+
+
+def _status(n_tiles: int, n_bad: int, max_bad_fraction: float) -> tuple[str, str]:
+    if n_bad:
+        fraction = n_bad / (n_tiles + n_bad)
+        message = f"{n_bad} of {n_tiles + n_bad} tiles could not be decoded and were dropped"
+        if n_tiles == 0 or fraction > max_bad_fraction:
+            return "partial", message
+        return "ok", message
+    if n_tiles == 0:
+        return "no_tissue", "no tile reached min_tissue_fraction; the store is empty"
+    return "ok", ""
+
+
+def _reusable_store(path: Path, cfg: TilingConfig) -> bool:
+    """True when a complete store with the config's grid settings exists.
+
+    Raises:
+        ConfigError: a complete store exists but was written with other grid settings.
+    """
+    if not is_complete_store(path):
+        if path.exists():
+            logger.warning("%s: incomplete or unreadable store; tiling the slide again", path)
+        return False
+    attrs = read_coords_store(path).attrs
+    expected = {name: getattr(cfg, name) for name in GEOMETRY_ATTRS}
+    different = {
+        name: attrs.get(name) for name, value in expected.items() if attrs.get(name) != value
+    }
+    if different:
+        raise ConfigError(
+            f"{path}: existing store was written with {different}, but the config asks for "
+            f"{ {name: expected[name] for name in different} }. Use --overwrite to replace it or "
+            "choose another output folder."
+        )
+    return True
+
+
+def _write_json(path: Path, content: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(content))
+    os.replace(tmp, path)
+
+
+def _save_config(cfg: TilingConfig, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("slidemil")
+    except metadata.PackageNotFoundError:
+        return "unknown"
