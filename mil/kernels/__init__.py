@@ -4,6 +4,10 @@ A pack holds several bags back to back, then padding; `Segments` gives the bag b
 Tokens of different bags never interact and padding rows always produce exactly 0.
 """
 
+from mil.kernels.agent import agent_attention
+from mil.kernels.attention import attention
+from mil.kernels.groups import BagGroups, groups_by_count, groups_by_size
+from mil.kernels.nystrom import iterative_pinv, nystrom_attention
 from mil.kernels.pooling import (
     segment_attention_pool,
     segment_reduce,
@@ -14,7 +18,14 @@ from mil.kernels.pooling import (
 from mil.kernels.segments import Segments
 
 __all__ = [
+    "BagGroups",
     "Segments",
+    "agent_attention",
+    "attention",
+    "groups_by_count",
+    "groups_by_size",
+    "iterative_pinv",
+    "nystrom_attention",
     "segment_attention_pool",
     "segment_reduce",
     "segment_softmax",

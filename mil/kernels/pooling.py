@@ -116,8 +116,7 @@ def weighted_segment_sum(
     buffer = values.new_zeros((segments.num_segments + 1, num_branches, values.shape[1]))
     # One [T, D] product per branch instead of a [T, K, D] broadcast keeps peak memory at T*D.
     branches = [
-        buffer[:, k].index_add(0, ids, values * weights[:, k : k + 1])
-        for k in range(num_branches)
+        buffer[:, k].index_add(0, ids, values * weights[:, k : k + 1]) for k in range(num_branches)
     ]
     return torch.stack(branches, dim=1)[: segments.num_segments]
 
