@@ -21,12 +21,17 @@ import numpy as np
 import torch
 
 from preprocessing.errors import ConfigError, DuplicateSlideIdError, StoreFormatError
+from preprocessing.importers import (
+    FeatureFileFormat,
+    detect_feature_format,
+    read_feature_file,
+)
 from preprocessing.stores import open_feature_store
 
 logger = logging.getLogger(__name__)
 
-#: Suffixes of feature stores that `find_feature_stores` lists.
-FEATURE_STORE_SUFFIXES: tuple[str, ...] = (".h5", ".zarr")
+#: Suffixes of the feature files that `find_feature_stores` lists.
+FEATURE_STORE_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5", ".zarr", ".pt")
 
 #: Reading a subset of rows reads the whole store and selects in memory when the subset is at
 #: least this share of the rows, because HDF5 point selections are slow for long index lists.
@@ -74,15 +79,17 @@ class FeatureSource(Protocol):
 
 
 def _is_store_name(path: Path) -> bool:
-    return path.suffix in FEATURE_STORE_SUFFIXES and ".tmp-" not in path.name and (
-        ".old-" not in path.name)
+    unfinished = ".tmp-" in path.name or ".old-" in path.name
+    return path.suffix in FEATURE_STORE_SUFFIXES and not unfinished
 
 
 def find_feature_stores(directory: str | os.PathLike[str]) -> dict[str, Path]:
-    """Slide id → feature store path for every store directly inside `directory`.
+    """Slide id → feature file for every feature file directly inside `directory`.
 
-    A CLAM-style folder that keeps its stores in an `h5_files/` sub-folder is read from there.
-    Temporary files of an unfinished write (`*.tmp-<pid>`) are ignored.
+    Reads slidemil stores (`.h5`, `.zarr`) and the files of CLAM, TRIDENT and STAMP (`.h5`,
+    `.hdf5`, CLAM `.pt`). A CLAM output folder that keeps its files in `h5_files/` is read from
+    there. An HDF5 file wins over a CLAM `.pt` file of the same slide. Temporary files of an
+    unfinished write (`*.tmp-<pid>`) are ignored.
 
     Raises:
         StoreFormatError: `directory` does not exist.
@@ -96,21 +103,73 @@ def find_feature_stores(directory: str | os.PathLike[str]) -> dict[str, Path]:
     if not candidates and (directory / "h5_files").is_dir():
         candidates = [path for path in (directory / "h5_files").iterdir() if _is_store_name(path)]
     stores: dict[str, Path] = {}
-    for path in sorted(candidates):
+    for path in sorted(candidates, key=lambda p: (p.suffix == ".pt", p.name)):
         slide_id = path.name[: -len(path.suffix)]
         if slide_id in stores:
+            if path.suffix == ".pt":
+                continue
             raise DuplicateSlideIdError(
                 f"slide {slide_id} has two feature stores, {stores[slide_id]} and {path}; "
                 "delete one of them"
             )
         stores[slide_id] = path
-    return stores
+    return dict(sorted(stores.items()))
+
+
+def detect_source_format(path: Path) -> FeatureFileFormat:
+    """Layout of a feature file: `slidemil` for zarr folders, else as the importers detect it."""
+    if path.suffix == ".zarr":
+        return "slidemil"
+    return detect_feature_format(path)
+
+
+class ImportedSource:
+    """A CLAM, TRIDENT or STAMP feature file, read whole, with the `FeatureStore` interface.
+
+    Files without level-0 pixel coordinates (CLAM `.pt`, STAMP µm coordinates of a slide whose
+    mpp is unknown) get coords of -1, so they train and predict but cannot be drawn as heatmaps.
+    """
+
+    def __init__(self, path: Path, source_format: FeatureFileFormat) -> None:
+        imported = read_feature_file(path, source_format)
+        self.path = path
+        self.attrs = imported.attrs
+        self._features = imported.features
+        if imported.coords is None:
+            logger.warning("%s (%s) has no level-0 pixel coordinates; its tiles get coords -1 "
+                           "and no heatmap can be drawn", path, source_format)
+            self.coords = np.full((imported.n_tiles, 2), -1, dtype=np.int64)
+        else:
+            self.coords = imported.coords
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self._features.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self._features.shape[1])
+
+    def read_features(self, rows: np.ndarray | None = None) -> np.ndarray:
+        return self._features if rows is None else self._features[rows]
+
+    def close(self) -> None:
+        """Nothing to close: the file was read whole when opened."""
 
 
 @contextmanager
-def open_source(path: Path) -> Iterator[FeatureSource]:
-    """Open the feature store at `path` for reading and close it on exit."""
-    store = open_feature_store(path)
+def open_source(path: Path, source_format: FeatureFileFormat = "slidemil") -> Iterator[
+        FeatureSource]:
+    """Open a feature file for reading and close it on exit.
+
+    slidemil stores are read lazily through `open_feature_store`; files of other pipelines are
+    read whole.
+    """
+    store: FeatureSource
+    if source_format == "slidemil":
+        store = open_feature_store(path)
+    else:
+        store = ImportedSource(path, source_format)
     try:
         yield store
     finally:
@@ -172,9 +231,11 @@ class BagDataset(torch.utils.data.Dataset[Bag]):
         self.cache_enabled = cache
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
+        self.formats: list[FeatureFileFormat] = [detect_source_format(p) for p in self.paths]
         lengths, dims = [], set()
-        for slide_id, path in zip(self.slide_ids, self.paths, strict=True):
-            with open_source(path) as store:
+        for slide_id, path, source_format in zip(self.slide_ids, self.paths, self.formats,
+                                                 strict=True):
+            with open_source(path, source_format) as store:
                 lengths.append(store.n_tiles)
                 if store.n_tiles:
                     dims.add((store.dim, slide_id, path))
@@ -255,7 +316,7 @@ class BagDataset(torch.utils.data.Dataset[Bag]):
     ) -> tuple[np.ndarray, np.ndarray]:
         slide_id, path = self.slide_ids[index], self.paths[index]
         try:
-            with open_source(path) as store:
+            with open_source(path, self.formats[index]) as store:
                 if store.n_tiles != int(self.lengths[index]):
                     raise StoreFormatError(
                         f"slide {slide_id}: {path} now has {store.n_tiles} tiles, "

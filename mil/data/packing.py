@@ -58,25 +58,30 @@ class PackingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    pack_len: int = Field(16384, ge=1, description="rows (tiles) per pack, padding included")
+    pack_len: int = Field(
+        default=16384, ge=1, description="rows (tiles) per pack, padding included"
+    )
     main_fraction: float = Field(
-        0.8, gt=0.0, le=1.0,
+        default=0.8, gt=0.0, le=1.0,
         description="share of each shuffled training bag in its main part; the rest is its "
                     "residual part (1.0 turns hyperslides off)",
     )
     max_tiles_per_bag: int | None = Field(
-        None, ge=1,
+        default=None, ge=1,
         description="cap on the tiles of a main part and of a hyperslide; default: pack_len",
     )
     slides_per_hyperslide: int = Field(
-        4, ge=1, description="residual parts of this many slides form one hyperslide"
+        default=4, ge=1, description="residual parts of this many slides form one hyperslide"
     )
     residual_loss_weight: float = Field(
-        0.1, ge=0.0, description="weight of the hyperslide loss term relative to the main term"
+        default=0.1, ge=0.0,
+        description="weight of the hyperslide loss term relative to the main term",
     )
-    shuffle_packs: bool = Field(True, description="visit the packs of an epoch in seeded order")
+    shuffle_packs: bool = Field(
+        default=True, description="visit the packs of an epoch in seeded order"
+    )
     balanced_sampling: bool = Field(
-        False,
+        default=False,
         description="draw the bags of an epoch with replacement, each class equally likely",
     )
 
