@@ -441,6 +441,33 @@ def load_checkpoint_state_dict(path: Path) -> dict[str, Any]:
     return {key.removeprefix("module."): value for key, value in loaded.items()}
 
 
+def expected_weights_id(name: str, weights: str | None) -> str:
+    """Return the ``weights`` attribute that :func:`create_backbone` would record, cheaply.
+
+    Resume logic compares it with finished stores without building the network; for a file
+    this hashes the file, for hub weights it needs no network.
+
+    Raises:
+        BackboneError: Unknown backbone name or a weights value that is neither a keyword nor
+            an existing file.
+    """
+    preset = get_backbone_preset(name)
+    choice = "pretrained" if weights in (None, "", "pretrained") else str(weights)
+    if choice == "random":
+        return "random"
+    if choice == "pretrained":
+        if preset.default_weights == "pretrained":
+            return f"pretrained:{preset.timm_name}"
+        return preset.default_weights
+    path = Path(choice).expanduser()
+    if not path.is_file():
+        raise BackboneError(
+            f"Weights {choice!r} for backbone {preset.name!r} are neither 'pretrained', "
+            "'random' nor an existing checkpoint file; check the path."
+        )
+    return f"sha256:{file_sha256(path)}"
+
+
 # --------------------------------------------------------------------------------------------
 # Building
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,839 @@
+"""Feature extraction: coords stores in, one feature store per slide out.
+
+For every coords store ``<coords_dir>/<slide_id>.h5`` the stage reads the listed tiles from the
+slide (at the level and size the tiling stage chose), embeds them with a backbone from
+:mod:`preprocessing.backbones` and writes ``<output_dir>/<backbone>/<slide_id>.h5`` (or
+``.zarr``). Rows follow the order of the coords store; a tile that cannot be decoded is
+skipped, counted and logged with its coordinates, so features and coords always stay aligned.
+
+Throughput: DataLoader workers decode tiles while the device computes. Each worker opens its
+own slide handle on first use, because open file handles must never cross a fork or be
+pickled for spawn. Batches travel as uint8 (a quarter of the bytes of float32) in pinned memory
+on CUDA and are converted, resized and normalised on the device. On CUDA the forward pass runs
+under bf16/fp16 autocast in channels-last layout and the copy of batch k back to the host
+overlaps the forward pass of batch k + 1.
+
+Resume: a slide whose complete store exists with the same weights is skipped. A killed job
+leaves no complete store, only a temporary file or a lock, so the slide is recomputed next
+time. Sharding, locks and the manifest come from :mod:`preprocessing.jobs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.data import DataLoader, Dataset
+
+from preprocessing.backbones import (
+    Backbone,
+    create_backbone,
+    expected_weights_id,
+    get_backbone_preset,
+)
+from preprocessing.errors import (
+    BackboneError,
+    ConfigError,
+    IncompleteStoreError,
+    StoreFormatError,
+    TileReadError,
+)
+from preprocessing.inputs import SlideInput, list_slides
+from preprocessing.jobs import SlideOutcome, StageResult, run_slides
+from preprocessing.slide import Slide, open_slide
+from preprocessing.stores import (
+    CoordsStore,
+    FeatureStoreWriter,
+    feature_store_path,
+    is_complete_store,
+    open_feature_store,
+    read_coords_store,
+)
+
+logger = logging.getLogger(__name__)
+
+STAGE = "extract"
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+StartMethod = Literal["fork", "spawn", "forkserver"]
+
+#: Rows handed to the store writer at once.
+WRITE_BLOCK_ROWS = 4096
+
+
+class ExtractConfig(BaseModel):
+    """Settings of the extract stage; CLI options map 1:1 to these fields.
+
+    Attributes:
+        coords_dir: Folder of coords stores written by ``slidemil tile``.
+        output_dir: Root of the feature stores; the stage writes ``<output_dir>/<backbone>/``.
+        slides: Optional slide list (folder, glob or CSV) naming the slides expected. Each slide
+            without a coords store then gets a failed manifest row. Without it, every coords
+            store in ``coords_dir`` is extracted.
+        backbone: A preset name (see ``slidemil extract --help``), a timm model name or an
+            ``hf-hub:owner/repo`` id.
+        weights: ``pretrained`` (default), ``random``, or a path to a checkpoint file.
+        device: ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:<index>``.
+        batch_size: Tiles per forward pass; halved automatically on CUDA out-of-memory.
+        num_workers: DataLoader processes decoding tiles; 0 decodes in the main process.
+        worker_start_method: ``fork``, ``spawn`` or ``forkserver``; None uses the platform
+            default.
+        prefetch_factor: Batches each worker decodes ahead.
+        precision: ``auto`` (bf16 on CUDA with bf16 support, fp16 on older CUDA, fp32 on CPU),
+            or a fixed ``fp32``, ``bf16`` or ``fp16`` autocast.
+        channels_last: Run the network in channels-last memory layout (faster convolutions on
+            CUDA tensor cores).
+        compile: Compile the network with ``torch.compile`` (slow first batch, faster after).
+        tta_flips: Average the embeddings of the tile and its horizontal, vertical and double
+            flips (4 forward passes per tile).
+        format: ``h5`` or ``zarr`` feature stores.
+        dtype: Stored feature type, ``float16`` or ``float32``.
+        max_failed_tile_fraction: A slide fails when more than this fraction of its tiles
+            cannot be decoded; fewer failed tiles are skipped and the slide is ``partial``.
+        shard: ``i/n`` to process every n-th slide starting at i; None reads
+            ``SLURM_ARRAY_TASK_ID``.
+        skip_errors: Record a failed slide in the manifest and continue with the next one.
+        progress: Show a progress bar with slides and tiles per second.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    coords_dir: Path
+    output_dir: Path
+    slides: str | None = None
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None
+    device: str = "auto"
+    batch_size: int = Field(default=64, ge=1)
+    num_workers: int = Field(default=4, ge=0)
+    worker_start_method: StartMethod | None = None
+    prefetch_factor: int = Field(default=4, ge=1)
+    precision: Precision = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    tta_flips: bool = False
+    format: Literal["h5", "zarr"] = "h5"
+    dtype: Literal["float16", "float32"] = "float16"
+    max_failed_tile_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    shard: str | None = None
+    skip_errors: bool = True
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------------------------
+# Devices and precision
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn ``auto``/``cpu``/``cuda[:i]`` into a torch device that exists on this machine.
+
+    Raises:
+        ConfigError: A CUDA device was requested but is not available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"Invalid device {device!r}; use auto, cpu, cuda or cuda:<index>."
+        ) from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"Device {device!r} requested but CUDA is not available on this machine; "
+                "use --device cpu or install a CUDA build of torch."
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"Device {device!r} requested but only {torch.cuda.device_count()} CUDA "
+                "devices exist."
+            )
+    return resolved
+
+
+def resolve_autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """Return the autocast dtype for ``precision`` on ``device``, or None for fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# --------------------------------------------------------------------------------------------
+# Reading tiles
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Where and how to read the tiles of one slide; everything a worker needs, picklable.
+
+    Attributes:
+        slide_id: Slide id for messages.
+        slide_path: Slide file.
+        slide_mpp: µm per level-0 pixel used by the tiling stage (passed on as an override so
+            that slides whose mpp came from a CSV open the same way).
+        coords: int64 [N, 2] level-0 (x, y) top-left corners.
+        tile_px_level0: Side of a tile's footprint in level-0 pixels (float).
+        read_level: Pyramid level the footprint is read from.
+        tile_px: Side of the tile in pixels after resizing.
+    """
+
+    slide_id: str
+    slide_path: Path
+    slide_mpp: float | None
+    coords: np.ndarray
+    tile_px_level0: float
+    read_level: int
+    tile_px: int
+
+
+class TileDataset(Dataset[tuple[int, np.ndarray | None]]):
+    """Tiles of one slide as uint8 RGB [tile_px, tile_px, 3] arrays, indexed by row.
+
+    The slide is opened on the first ``__getitem__`` in each process, and never pickled, so
+    every DataLoader worker owns its handle under both fork and spawn. A tile that cannot be
+    decoded comes back as None; the collate function drops it.
+    """
+
+    def __init__(self, grid: TileGrid) -> None:
+        self.grid = grid
+        self._slide: Slide | None = None
+        self._owner_pid: int | None = None
+
+    def __len__(self) -> int:
+        return int(self.grid.coords.shape[0])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_slide"] = None
+        state["_owner_pid"] = None
+        return state
+
+    def _handle(self) -> Slide:
+        # A handle inherited through fork belongs to the parent; open a new one.
+        if self._slide is None or self._owner_pid != os.getpid():
+            self._slide = open_slide(self.grid.slide_path, mpp=self.grid.slide_mpp)
+            self._owner_pid = os.getpid()
+        return self._slide
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None]:
+        x, y = (int(value) for value in self.grid.coords[index])
+        try:
+            tile = self._handle().read_tile(
+                x, y, self.grid.tile_px_level0, self.grid.read_level, self.grid.tile_px
+            )
+        except TileReadError as err:
+            logger.warning(
+                "%s: skipping tile %d at level-0 (x=%d, y=%d): %s",
+                self.grid.slide_id,
+                index,
+                x,
+                y,
+                err,
+            )
+            return index, None
+        return index, tile
+
+    def close(self) -> None:
+        """Close this process's slide handle."""
+        if self._slide is not None and self._owner_pid == os.getpid():
+            self._slide.close()
+        self._slide = None
+        self._owner_pid = None
+
+
+@dataclass
+class TileBatch:
+    """A batch of decoded tiles and the rows that failed.
+
+    Attributes:
+        rows: int64 [b] coords-store rows of the decoded tiles, ascending.
+        tiles: uint8 [b, 3, H, W] in channels-last memory layout.
+        failed_rows: Rows of this batch whose tile could not be decoded.
+    """
+
+    rows: torch.Tensor
+    tiles: torch.Tensor
+    failed_rows: list[int]
+
+    def pin_memory(self) -> TileBatch:
+        """Pin the tiles so the copy to the GPU can run asynchronously (DataLoader hook)."""
+        return TileBatch(self.rows, self.tiles.pin_memory(), self.failed_rows)
+
+
+def collate_tiles(samples: Sequence[tuple[int, np.ndarray | None]]) -> TileBatch:
+    """Stack decoded tiles into one uint8 batch, leaving failed tiles out."""
+    rows = [index for index, tile in samples if tile is not None]
+    failed = [index for index, tile in samples if tile is None]
+    arrays = [tile for _, tile in samples if tile is not None]
+    if arrays:
+        # [b, H, W, 3] viewed as [b, 3, H, W] is already channels-last: no copy needed.
+        tiles = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    else:
+        tiles = torch.empty((0, 3, 0, 0), dtype=torch.uint8)
+    return TileBatch(torch.tensor(rows, dtype=torch.int64), tiles, failed)
+
+
+def make_tile_loader(
+    grid: TileGrid,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool = False,
+    worker_start_method: StartMethod | None = None,
+    prefetch_factor: int = 4,
+) -> tuple[DataLoader[Any], TileDataset]:
+    """Build the ordered DataLoader over one slide's tiles; batches keep coords order."""
+    dataset = TileDataset(grid)
+    options: dict[str, Any] = {}
+    if num_workers > 0:
+        options["prefetch_factor"] = prefetch_factor
+        options["multiprocessing_context"] = worker_start_method
+    loader: DataLoader[Any] = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_tiles,
+        pin_memory=pin_memory,
+        drop_last=False,
+        **options,
+    )
+    return loader, dataset
+
+
+# --------------------------------------------------------------------------------------------
+# Computing embeddings
+# --------------------------------------------------------------------------------------------
+
+
+class TileEmbedder:
+    """Runs a backbone over uint8 tile batches on one device.
+
+    Handles autocast, channels-last layout, optional ``torch.compile``, test-time flips, and
+    CUDA out-of-memory by halving the batch (down to one tile) for the rest of the run.
+
+    Args:
+        backbone: The encoder, on the CPU or already on ``device``.
+        device: Where to compute.
+        autocast_dtype: bf16/fp16 for mixed precision, None for fp32.
+        channels_last: Convert the network and inputs to channels-last layout.
+        compile: Wrap the backbone in ``torch.compile``.
+        tta_flips: Average over the identity, horizontal, vertical and double flip.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+        channels_last: bool = True,
+        compile: bool = False,
+        tta_flips: bool = False,
+    ) -> None:
+        self.backbone = backbone.to(device).eval()
+        if channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.channels_last = channels_last
+        self.tta_flips = tta_flips
+        self.forward_fn: Any = torch.compile(self.backbone) if compile else self.backbone
+        self.max_batch: int | None = None
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.backbone.embedding_dim)
+
+    def embed(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Embed uint8 tiles [b, 3, H, W] (host or device); returns float32 [b, D] on device."""
+        if self.max_batch is not None and tiles.shape[0] > self.max_batch:
+            parts = [self.embed(part) for part in tiles.split(self.max_batch)]
+            return torch.cat(parts)
+        try:
+            return self._embed_on_device(tiles)
+        except torch.OutOfMemoryError as err:
+            if tiles.shape[0] == 1:
+                raise BackboneError(
+                    f"Backbone {self.backbone.preset.name!r} ran out of memory on {self.device} "
+                    "with a batch of one tile; use a device with more memory, --precision bf16 "
+                    "or fp16, or a smaller backbone."
+                ) from err
+            self.max_batch = max(1, tiles.shape[0] // 2)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            logger.warning(
+                "Out of memory on %s with %d tiles; retrying with batches of %d.",
+                self.device,
+                tiles.shape[0],
+                self.max_batch,
+            )
+            return self.embed(tiles)
+
+    def _embed_on_device(self, tiles: torch.Tensor) -> torch.Tensor:
+        images = tiles.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=self.autocast_dtype or torch.float32,
+                enabled=self.autocast_dtype is not None,
+            ),
+        ):
+            embeddings = self.forward_fn(images).float()  # [b, D]
+            if self.tta_flips:
+                for dims in ((3,), (2,), (2, 3)):
+                    embeddings = embeddings + self.forward_fn(images.flip(dims)).float()
+                embeddings = embeddings / 4.0
+        return embeddings
+
+    def embed_batches(
+        self, batches: Iterable[TileBatch]
+    ) -> Iterator[tuple[TileBatch, np.ndarray]]:
+        """Embed a stream of batches; yields each batch with its float32 [b, D] embeddings.
+
+        On CUDA the copy of one batch's embeddings to the host is left in flight while the
+        next batch is computed, so the device never waits for the host.
+        """
+        pending: tuple[TileBatch, torch.Tensor, torch.cuda.Event | None] | None = None
+        for batch in batches:
+            if batch.rows.numel() == 0:
+                if pending is not None:
+                    yield _finish(pending)
+                    pending = None
+                yield batch, np.empty((0, self.embedding_dim), dtype=np.float32)
+                continue
+            embeddings = self.embed(batch.tiles)
+            current: tuple[TileBatch, torch.Tensor, torch.cuda.Event | None]
+            if self.device.type == "cuda":
+                host = embeddings.to("cpu", non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                current = (batch, host, event)
+            else:
+                current = (batch, embeddings, None)
+            if pending is not None:
+                yield _finish(pending)
+            pending = current
+        if pending is not None:
+            yield _finish(pending)
+
+
+def _finish(
+    pending: tuple[TileBatch, torch.Tensor, torch.cuda.Event | None],
+) -> tuple[TileBatch, np.ndarray]:
+    batch, host, event = pending
+    if event is not None:
+        event.synchronize()
+    return batch, host.numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# One slide
+# --------------------------------------------------------------------------------------------
+
+
+def tile_grid_from_store(store: CoordsStore, slide_id: str) -> TileGrid:
+    """Read the tile geometry that the tiling stage recorded in a coords store.
+
+    Raises:
+        StoreFormatError: A required attribute is missing or invalid.
+    """
+    attrs = store.attrs
+    missing = [
+        key for key in ("slide_path", "tile_px", "tile_px_level0", "read_level") if key not in attrs
+    ]
+    if missing:
+        raise StoreFormatError(
+            f"{store.path}: coords store lacks attributes {missing}; it was not written by "
+            "`slidemil tile`. Rerun `slidemil tile` for this slide."
+        )
+    slide_mpp = attrs.get("slide_mpp")
+    return TileGrid(
+        slide_id=slide_id,
+        slide_path=Path(str(attrs["slide_path"])),
+        slide_mpp=float(slide_mpp) if slide_mpp not in (None, "") else None,
+        coords=store.coords,
+        tile_px_level0=float(attrs["tile_px_level0"]),
+        read_level=int(attrs["read_level"]),
+        tile_px=int(attrs["tile_px"]),
+    )
+
+
+def _check_slide_matches(grid: TileGrid, attrs: dict[str, Any]) -> None:
+    """Reject a slide file whose size differs from the one the coords were made for."""
+    with open_slide(grid.slide_path, mpp=grid.slide_mpp) as slide:
+        width, height = attrs.get("level0_width"), attrs.get("level0_height")
+        expected = (int(width), int(height)) if width is not None and height is not None else None
+        if expected is not None and expected != slide.dimensions:
+            raise StoreFormatError(
+                f"{grid.slide_path}: level 0 is {slide.dimensions} pixels but the coords store of "
+                f"slide {grid.slide_id!r} was made for {expected}; the file changed since "
+                "tiling. Rerun `slidemil tile` for this slide."
+            )
+        if not 0 <= grid.read_level < slide.level_count:
+            raise StoreFormatError(
+                f"{grid.slide_path}: coords store asks for level {grid.read_level} but the slide "
+                f"has {slide.level_count} levels; rerun `slidemil tile` for this slide."
+            )
+
+
+@dataclass
+class SlideFeatures:
+    """Embeddings of the decodable tiles of one slide, in coords order.
+
+    Attributes:
+        features: [n_ok, D] in the store dtype.
+        coords: int64 [n_ok, 2] level-0 (x, y).
+        failed_coords: int64 [n_failed, 2] level-0 (x, y) of tiles that could not be decoded.
+        seconds: Wall time of reading and embedding.
+    """
+
+    features: np.ndarray
+    coords: np.ndarray
+    failed_coords: np.ndarray
+    seconds: float
+
+
+def embed_slide(
+    grid: TileGrid,
+    embedder: TileEmbedder,
+    batch_size: int,
+    num_workers: int,
+    dtype: str = "float16",
+    worker_start_method: StartMethod | None = None,
+    prefetch_factor: int = 4,
+) -> SlideFeatures:
+    """Read and embed every tile of one slide; failed tiles are left out, never zero-filled."""
+    start = time.perf_counter()
+    n_tiles = int(grid.coords.shape[0])
+    features = np.empty((n_tiles, embedder.embedding_dim), dtype=np.dtype(dtype))
+    decoded = np.zeros(n_tiles, dtype=bool)
+    loader, dataset = make_tile_loader(
+        grid,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=embedder.device.type == "cuda",
+        worker_start_method=worker_start_method,
+        prefetch_factor=prefetch_factor,
+    )
+    try:
+        for batch, embeddings in embedder.embed_batches(loader):
+            rows = batch.rows.numpy()
+            features[rows] = embeddings
+            decoded[rows] = True
+    finally:
+        dataset.close()
+    return SlideFeatures(
+        features=features[decoded],
+        coords=grid.coords[decoded],
+        failed_coords=grid.coords[~decoded],
+        seconds=time.perf_counter() - start,
+    )
+
+
+def feature_store_attrs(
+    coords_attrs: dict[str, Any], backbone: Backbone, cfg: ExtractConfig, n_failed: int
+) -> dict[str, Any]:
+    """Attributes of a feature store: the coords store's plus what made the features."""
+    attrs = {key: value for key, value in coords_attrs.items() if key != "complete"}
+    preset = backbone.preset
+    attrs.update(
+        {
+            "backbone": preset.name,
+            "backbone_timm_name": preset.timm_name,
+            "weights": backbone.weights,
+            "weights_sha256": backbone.weights_sha256 or "",
+            "embedding_dim": backbone.embedding_dim,
+            "normalize_mean": list(preset.mean),
+            "normalize_std": list(preset.std),
+            "input_px": preset.input_px,
+            "pooling": preset.pooling,
+            "dtype": cfg.dtype,
+            "tta_flips": cfg.tta_flips,
+            "n_failed_tiles": n_failed,
+        }
+    )
+    if n_failed and attrs.get("status", "ok") == "ok":
+        attrs["status"] = "partial"
+    return attrs
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def backbone_output_dir(cfg: ExtractConfig) -> Path:
+    """Folder of this backbone's feature stores: ``<output_dir>/<backbone>``."""
+    return Path(cfg.output_dir) / get_backbone_preset(cfg.backbone).name
+
+
+def list_extract_inputs(cfg: ExtractConfig) -> list[SlideInput]:
+    """Slides to extract; ``path`` of each input is its coords store.
+
+    Raises:
+        ConfigError: The coords folder does not exist or holds no coords stores.
+    """
+    coords_dir = Path(cfg.coords_dir)
+    if not coords_dir.is_dir():
+        raise ConfigError(
+            f"Coords folder {coords_dir} does not exist; run `slidemil tile` first or pass the "
+            "folder it wrote with --coords-dir."
+        )
+    if cfg.slides is not None:
+        slide_ids = [slide.slide_id for slide in list_slides(cfg.slides)]
+        return [SlideInput(slide_id, coords_dir / f"{slide_id}.h5") for slide_id in slide_ids]
+    stores = sorted(path for path in coords_dir.glob("*.h5") if ".tmp-" not in path.name)
+    if not stores:
+        raise ConfigError(
+            f"Coords folder {coords_dir} contains no coords stores (*.h5); run `slidemil tile` "
+            "with --output-dir pointing there first."
+        )
+    return [SlideInput(path.name[: -len(".h5")], path) for path in stores]
+
+
+class _SlideExtractor:
+    """Per-slide work of the stage; builds the backbone on the first slide that needs it."""
+
+    def __init__(self, cfg: ExtractConfig, out_dir: Path, weights_id: str) -> None:
+        self.cfg = cfg
+        self.out_dir = out_dir
+        self.weights_id = weights_id
+        self.device = resolve_device(cfg.device)
+        self._embedder: TileEmbedder | None = None
+
+    @property
+    def embedder(self) -> TileEmbedder:
+        if self._embedder is None:
+            backbone = create_backbone(self.cfg.backbone, self.cfg.weights)
+            self._embedder = TileEmbedder(
+                backbone,
+                self.device,
+                autocast_dtype=resolve_autocast_dtype(self.cfg.precision, self.device),
+                channels_last=self.cfg.channels_last,
+                compile=self.cfg.compile,
+                tta_flips=self.cfg.tta_flips,
+            )
+            logger.info(
+                "Extracting with %s on %s (autocast %s, batch %d, %d workers).",
+                backbone.preset.name,
+                self.device,
+                self._embedder.autocast_dtype,
+                self.cfg.batch_size,
+                self.cfg.num_workers,
+            )
+        return self._embedder
+
+    def store_path(self, slide: SlideInput) -> Path:
+        return feature_store_path(self.out_dir, slide.slide_id, self.cfg.format)
+
+    def is_done(self, slide: SlideInput) -> bool:
+        path = self.store_path(slide)
+        if not is_complete_store(path):
+            return False
+        with open_feature_store(path) as store:
+            return bool(store.attrs.get("weights") == self.weights_id)
+
+    def __call__(self, slide: SlideInput) -> SlideOutcome:
+        path = self.store_path(slide)
+        self._refuse_other_weights(path)
+        _remove_stale_temporaries(path)
+        if not slide.path.exists():
+            raise IncompleteStoreError(
+                f"{slide.path}: coords store of slide {slide.slide_id!r} is missing; run "
+                "`slidemil tile` for this slide first."
+            )
+        coords_store = read_coords_store(slide.path)
+        grid = tile_grid_from_store(coords_store, slide.slide_id)
+        embedder = self.embedder
+
+        if coords_store.n_tiles == 0:
+            result = SlideFeatures(
+                np.empty((0, embedder.embedding_dim), dtype=np.dtype(self.cfg.dtype)),
+                grid.coords,
+                np.empty((0, 2), dtype=np.int64),
+                0.0,
+            )
+        else:
+            _check_slide_matches(grid, coords_store.attrs)
+            result = embed_slide(
+                grid,
+                embedder,
+                batch_size=self.cfg.batch_size,
+                num_workers=self.cfg.num_workers,
+                dtype=self.cfg.dtype,
+                worker_start_method=self.cfg.worker_start_method,
+                prefetch_factor=self.cfg.prefetch_factor,
+            )
+        n_failed = int(result.failed_coords.shape[0])
+        self._check_failed_fraction(slide, n_failed, coords_store.n_tiles, result.failed_coords)
+
+        attrs = feature_store_attrs(coords_store.attrs, embedder.backbone, self.cfg, n_failed)
+        write_feature_store(path, result.features, result.coords, attrs, self.cfg)
+        n_ok = int(result.coords.shape[0])
+        rate = n_ok / result.seconds if result.seconds > 0 else 0.0
+        logger.info(
+            "%s: %d tiles embedded in %.1f s (%.1f tiles/s) -> %s",
+            slide.slide_id,
+            n_ok,
+            result.seconds,
+            rate,
+            path,
+        )
+        message = ""
+        if n_failed:
+            first = result.failed_coords[0]
+            message = (
+                f"{n_failed} of {coords_store.n_tiles} tiles could not be decoded and were "
+                f"skipped (first at level-0 x={int(first[0])}, y={int(first[1])})"
+            )
+        status = str(attrs.get("status", "ok"))
+        if status not in ("ok", "no_tissue", "partial"):
+            status = "ok"
+        return SlideOutcome(status=status, n_tiles=n_ok, message=message)
+
+    def _refuse_other_weights(self, path: Path) -> None:
+        if not is_complete_store(path):
+            return
+        with open_feature_store(path) as store:
+            existing = store.attrs.get("weights")
+        raise ConfigError(
+            f"{path}: a complete feature store made with weights {existing!r} exists, but this "
+            f"run uses {self.weights_id!r}. Delete the store or choose another --output-dir; "
+            "slidemil never overwrites features silently."
+        )
+
+    def _check_failed_fraction(
+        self, slide: SlideInput, n_failed: int, n_tiles: int, failed_coords: np.ndarray
+    ) -> None:
+        if n_failed == 0:
+            return
+        listed = ", ".join(f"({int(x)}, {int(y)})" for x, y in failed_coords[:10])
+        logger.warning(
+            "%s: %d of %d tiles could not be decoded and are left out; level-0 (x, y): %s%s",
+            slide.slide_id,
+            n_failed,
+            n_tiles,
+            listed,
+            " ..." if n_failed > 10 else "",
+        )
+        if n_failed == n_tiles or n_failed > self.cfg.max_failed_tile_fraction * n_tiles:
+            raise TileReadError(
+                f"{slide.slide_id}: {n_failed} of {n_tiles} tiles could not be decoded, more "
+                f"than max_failed_tile_fraction={self.cfg.max_failed_tile_fraction}. The slide "
+                "file is probably damaged; re-export or re-scan it, or raise "
+                "--max-failed-tile-fraction to keep the decodable tiles."
+            )
+
+
+def write_feature_store(
+    path: Path,
+    features: np.ndarray,
+    coords: np.ndarray,
+    attrs: dict[str, Any],
+    cfg: ExtractConfig,
+) -> None:
+    """Write one slide's features [N, D] and coords [N, 2] atomically in row blocks."""
+    n_rows, dim = features.shape
+    with FeatureStoreWriter(
+        path, n_rows, dim, coords, attrs, dtype=cfg.dtype, fmt=cfg.format
+    ) as writer:
+        for start in range(0, n_rows, WRITE_BLOCK_ROWS):
+            writer.write(start, features[start : start + WRITE_BLOCK_ROWS])
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporary stores of this slide left by killed jobs (the caller holds its lock)."""
+    for leftover in path.parent.glob(f"{path.name}.tmp-*"):
+        logger.info("Removing %s left by an interrupted run.", leftover)
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def save_resolved_config(cfg: ExtractConfig, out_dir: Path, weights_id: str) -> Path:
+    """Write the resolved config beside the stores as ``extract_config.yaml`` (atomic)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "extract_config.yaml"
+    content = cfg.model_dump(mode="json")
+    content["resolved_weights"] = weights_id
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(content, sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+def run_extraction(cfg: ExtractConfig) -> StageResult:
+    """Extract features for every slide of ``cfg.coords_dir`` (this shard's part of it).
+
+    Returns:
+        Counts of processed, failed and skipped slides and the manifest path
+        (``<output_dir>/<backbone>/manifest.csv``).
+
+    Raises:
+        ConfigError: Missing coords folder, invalid device or shard.
+        BackboneError: Unknown backbone or unusable weights (before any slide is touched).
+        SlidemilError: The first failing slide's error when ``skip_errors`` is False.
+    """
+    out_dir = backbone_output_dir(cfg)
+    weights_id = expected_weights_id(cfg.backbone, cfg.weights)
+    inputs = list_extract_inputs(cfg)
+    extractor = _SlideExtractor(cfg, out_dir, weights_id)
+    save_resolved_config(cfg, out_dir, weights_id)
+    logger.info(
+        "Extract: %d slides from %s into %s (backbone %s, weights %s).",
+        len(inputs),
+        cfg.coords_dir,
+        out_dir,
+        cfg.backbone,
+        weights_id,
+    )
+    return run_slides(
+        inputs,
+        extractor,
+        stage=STAGE,
+        output_dir=out_dir,
+        is_done=extractor.is_done,
+        skip_errors=cfg.skip_errors,
+        shard=cfg.shard,
+        progress=cfg.progress,
+    )
+
+
+__all__ = [
+    "ExtractConfig",
+    "SlideFeatures",
+    "TileBatch",
+    "TileDataset",
+    "TileEmbedder",
+    "TileGrid",
+    "collate_tiles",
+    "embed_slide",
+    "feature_store_attrs",
+    "make_tile_loader",
+    "resolve_autocast_dtype",
+    "resolve_device",
+    "run_extraction",
+    "tile_grid_from_store",
+    "write_feature_store",
+]
