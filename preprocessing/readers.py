@@ -16,7 +16,7 @@ import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import openslide
@@ -193,11 +193,16 @@ class TiffReader:
 
         self._levels: list[Any] = []
         dimensions: list[tuple[int, int]] = []
-        for index, level in enumerate(series.levels):
+        for level_series, index in self._pyramid(series):
+            level = level_series.levels[index]
             order, _ = _yxc_axes(level.axes, level.shape, self._path)
-            shape = [level.shape[i] for i in order]
-            dimensions.append((int(shape[1]), int(shape[0])))
-            self._levels.append(zarr.open(series.aszarr(level=index), mode="r"))
+            if order != self._axes_order:
+                raise SlideOpenError(
+                    f"{self._path}: pyramid levels store their axes differently "
+                    f"({series.axes!r} and {level.axes!r}); re-export the slide."
+                )
+            dimensions.append((int(level.shape[order[1]]), int(level.shape[order[0]])))
+            self._levels.append(zarr.open(level_series.aszarr(level=index), mode="r"))
         self.level_dimensions = tuple(dimensions)
         width0, height0 = dimensions[0]
         self.level_downsamples = tuple((width0 / w + height0 / h) / 2.0 for w, h in dimensions)
@@ -211,6 +216,34 @@ class TiffReader:
                 series.dtype,
                 self._value_range,
             )
+
+    def _pyramid(self, series: Any) -> list[tuple[Any, int]]:
+        """(series, level index) of each pyramid level, finest first.
+
+        tifffile groups levels itself for most layouts; when it does not (reduced pages or
+        SubIFDs with non-integer downsamples), later series flagged as reduced-resolution
+        images with level 0's axes and aspect ratio are taken as further levels.
+        """
+        levels = [(series, index) for index in range(len(series.levels))]
+        if len(levels) > 1:
+            return levels
+        height0, width0 = (series.shape[series.axes.index(a)] for a in "YX")
+        previous_width = width0
+        for other in self._tiff.series[1:]:
+            if other.axes != series.axes or not other.keyframe.subfiletype & 1:
+                continue
+            if [n for a, n in zip(other.axes, other.shape, strict=True) if a not in "YX"] != [
+                n for a, n in zip(series.axes, series.shape, strict=True) if a not in "YX"
+            ]:
+                continue
+            height, width = (other.shape[other.axes.index(a)] for a in "YX")
+            if width >= previous_width or abs(width / height - width0 / height0) > 0.02 * (
+                width0 / height0
+            ):
+                continue
+            levels.append((other, 0))
+            previous_width = width
+        return levels
 
     def _raw_region(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         """Samples of level `level` inside [x0, x1) x [y0, y1), as [H, W, C] (C may be 1)."""
@@ -320,17 +353,49 @@ _DICOM_HINT = (
 )
 
 
-def open_reader(path: Path) -> Reader:
+ReaderChoice = Literal["auto", "openslide", "tifffile"]
+
+
+def open_reader(path: Path, reader: ReaderChoice = "auto") -> Reader:
     """Open `path` with OpenSlide, or with tifffile when OpenSlide rejects a TIFF.
 
-    Raises:
-        SlideOpenError: neither reader can open the file; the message carries both reasons.
-    """
-    try:
-        return OpenSlideReader(path)
-    except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as err:
-        openslide_reason = f"{type(err).__name__}: {err}"
+    With ``reader="auto"``, generic TIFFs with more than 8 bits per sample also go to tifffile,
+    because OpenSlide keeps only the high byte of each sample, while tifffile scales by the
+    slide's real value range.
 
+    Raises:
+        SlideOpenError: the file cannot be opened by the chosen reader(s); the message carries
+            every reason.
+    """
+    if reader == "tifffile":
+        return _open_with_tifffile(path, "not tried (tifffile requested)")
+    try:
+        opened = OpenSlideReader(path)
+    except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as err:
+        if reader == "openslide":
+            raise SlideOpenError(
+                f"{path}: OpenSlide cannot open the file ({type(err).__name__}: {err}). "
+                f"{_DICOM_HINT if path.suffix.lower() == '.dcm' else _GENERIC_HINT}"
+            ) from err
+        return _open_with_tifffile(path, f"{type(err).__name__}: {err}")
+
+    if reader == "auto" and opened.properties.get("openslide.vendor") == "generic-tiff":
+        if _tiff_sample_dtype(path) not in (None, np.dtype(np.uint8)):
+            opened.close()
+            return _open_with_tifffile(path, "samples wider than 8 bits")
+    return opened
+
+
+def _tiff_sample_dtype(path: Path) -> np.dtype | None:
+    try:
+        with tifffile.TiffFile(str(path)) as tiff:
+            return np.dtype(tiff.pages.first.dtype)
+    except (tifffile.TiffFileError, OSError, ValueError, TypeError):
+        return None
+
+
+def _open_with_tifffile(path: Path, openslide_reason: str) -> Reader:
+    """Open `path` with `TiffReader`, reporting `openslide_reason` if that fails too."""
     try:
         reader = TiffReader(path)
     except SlideOpenError:
@@ -350,11 +415,9 @@ def open_reader(path: Path) -> Reader:
     except TileReadError as err:
         reader.close()
         raise SlideOpenError(
-            f"{path}: OpenSlide rejected the file ({openslide_reason}) and tifffile cannot "
+            f"{path}: OpenSlide did not read the file ({openslide_reason}) and tifffile cannot "
             f"decode its pixels ({err.__cause__}). Re-export it as a tiled TIFF with JPEG, "
             "LZW or deflate compression."
         ) from err
-    logger.info(
-        "%s: opened with tifffile because OpenSlide rejected it (%s)", path, openslide_reason
-    )
+    logger.info("%s: read with tifffile (OpenSlide: %s)", path, openslide_reason)
     return reader

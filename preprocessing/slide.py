@@ -19,7 +19,7 @@ from PIL import Image
 from preprocessing.errors import MissingMppError, SlideOpenError
 from preprocessing.inputs import slide_id_from_path
 from preprocessing.mpp import MppResult, resolve_mpp
-from preprocessing.readers import BAND_PIXELS, Reader, open_reader
+from preprocessing.readers import BAND_PIXELS, Reader, ReaderChoice, open_reader
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +244,7 @@ def open_slide(
     *,
     default_mpp: float | None = None,
     slide_id: str | None = None,
+    reader: ReaderChoice = "auto",
 ) -> Slide:
     """Open a whole slide image with OpenSlide, falling back to tifffile for plain TIFFs.
 
@@ -252,6 +253,8 @@ def open_slide(
         mpp: µm per level-0 pixel that overrides the file's metadata (``mpp_source="override"``).
         default_mpp: µm per level-0 pixel used only when the file carries none.
         slide_id: id for messages and outputs; the file name minus its slide extension if None.
+        reader: ``auto`` (OpenSlide, tifffile for TIFFs OpenSlide rejects or reads lossily),
+            ``openslide`` or ``tifffile``.
 
     Returns:
         An open `Slide`. Its `mpp` is None when nothing was found; `Slide.require_mpp` raises.
@@ -267,12 +270,12 @@ def open_slide(
             f"{slide_path}: is a folder, not a slide file. For DICOM pass one .dcm file of the "
             "series; for MIRAX pass the .mrxs file."
         )
-    reader = open_reader(slide_path)
+    pixel_reader = open_reader(slide_path, reader)
     try:
-        mpp_result = resolve_mpp(reader.properties, override=mpp, default=default_mpp)
+        mpp_result = resolve_mpp(pixel_reader.properties, override=mpp, default=default_mpp)
     except ValueError as err:
-        reader.close()
+        pixel_reader.close()
         raise SlideOpenError(f"{slide_path}: {err}") from err
     for note in mpp_result.rejected:
         logger.warning("%s: skipped resolution metadata: %s", slide_path, note)
-    return Slide(reader, slide_path, slide_id or slide_id_from_path(slide_path), mpp_result)
+    return Slide(pixel_reader, slide_path, slide_id or slide_id_from_path(slide_path), mpp_result)
