@@ -125,3 +125,37 @@ def test_summarize_mean_std_sem() -> None:
     assert summary["std"] == pytest.approx(0.1)
     assert summary["sem"] == pytest.approx(0.1 / math.sqrt(3))
     assert summary["n"] == 3
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 5])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_sklearn_random(n_classes: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, 40)
+    y[:n_classes] = np.arange(n_classes)
+    # Rounded probabilities create ties, which the rank-based AUROC must count as one half.
+    logits = np.round(rng.normal(size=(40, n_classes)) + np.eye(n_classes)[y], 1)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    report = evaluate_predictions(y, probs, ordinal=True)
+    pred = predict_classes(probs)
+    labels = list(range(n_classes))
+
+    assert report.metrics["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert report.metrics["balanced_accuracy"] == pytest.approx(
+        skm.balanced_accuracy_score(y, pred))
+    assert report.metrics["f1_macro"] == pytest.approx(
+        skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0))
+    assert report.metrics["qwk"] == pytest.approx(
+        skm.cohen_kappa_score(y, pred, labels=labels, weights="quadratic"))
+    expected_auroc = (skm.roc_auc_score(y, probs[:, 1]) if n_classes == 2 else
+                      skm.roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    assert report.metrics["auroc"] == pytest.approx(expected_auroc)
+    assert report.confusion == skm.confusion_matrix(y, pred, labels=labels).tolist()
+
+
+def test_f1_counts_never_predicted_class_as_zero() -> None:
+    y = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.05, 0.05]] * 2 + [[0.1, 0.8, 0.1]] * 2)
+    report = evaluate_predictions(y, probs)
+    assert report.metrics["f1_macro"] == pytest.approx(2 / 3)
+    assert report.metrics["balanced_accuracy"] == pytest.approx(1.0)

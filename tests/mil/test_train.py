@@ -1,0 +1,270 @@
+"""Training runs on synthetic feature stores: run directory, reproducibility, splits, losses."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from mil.batch import PackedBatch
+from mil.checkpoint import load_checkpoint
+from mil.engine import per_bag_loss, train_epoch
+from mil.kernels.segments import Segments
+from mil.models import create_model
+from mil.optim import EarlyStopping, warmup_cosine_factor
+from mil.train import TrainConfig, class_weights, load_train_config, run_training
+from preprocessing.errors import ConfigError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_fixtures import write_labels, write_slides  # noqa: E402
+
+
+def _config(tmp_path: Path, **fields: Any) -> TrainConfig:
+    features = tmp_path / "features"
+    if not features.exists():
+        labels = write_slides(features, n_slides=12)
+        write_labels(tmp_path / "labels.csv", labels)
+    defaults: dict[str, Any] = {
+        "features_dir": features, "run_dir": tmp_path / "run", "labels": tmp_path / "labels.csv",
+        "folds": 2, "epochs": 3, "lr": 1e-3, "n_bootstrap": 20, "progress": False,
+        "packing": {"pack_len": 96},
+    }
+    return TrainConfig(**{**defaults, **fields})
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_kfold_run_writes_run_directory(tmp_path: Path) -> None:
+    result = run_training(_config(tmp_path, n_seeds=2))
+    run = tmp_path / "run"
+
+    assert len(result.members) == 4
+    for name in ("config.yaml", "classes.json", "labels_join.json", "metrics.json"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "splits").iterdir()) == ["fold_0.csv", "fold_1.csv"]
+    assert json.loads((run / "classes.json").read_text()) == {"normal": 0, "tumor": 1}
+    for fold in ("fold_0", "fold_1"):
+        for seed in ("seed_0", "seed_1"):
+            member = run / fold / seed
+            for name in ("checkpoint.pt", "checkpoint_last.pt", "log.csv", "metrics.json",
+                         "predictions_val.csv"):
+                assert (member / name).is_file(), f"{fold}/{seed}/{name}"
+            log = _read_csv(member / "log.csv")
+            assert [row["epoch"] for row in log] == ["1", "2", "3"]
+            assert "val_auroc" in log[0]
+
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["n_models"] == 4
+    assert summary["val"]["metrics"]["auroc"]["n"] == 4
+    assert {"mean", "std", "sem", "n"} <= set(summary["val"]["metrics"]["accuracy"])
+
+
+def test_checkpoint_keeps_class_map_and_threshold(tmp_path: Path) -> None:
+    run_training(_config(tmp_path, folds=2, threshold="youden"))
+    checkpoint = load_checkpoint(tmp_path / "run" / "fold_0" / "seed_0" / "checkpoint.pt",
+                                 expected_model="abmil", expected_classes=["normal", "tumor"])
+    member = json.loads((tmp_path / "run" / "fold_0" / "seed_0" / "metrics.json").read_text())
+
+    assert checkpoint.threshold == pytest.approx(member["threshold"])
+    assert checkpoint.model_config == {"embed_dim": 256, "attention_dim": 128, "dropout": 0.25}
+    assert 1 <= checkpoint.epoch <= 3
+    rows = _read_csv(tmp_path / "run" / "fold_0" / "seed_0" / "predictions_val.csv")
+    assert set(rows[0]) == {"slide_id", "label", "predicted_class", "probability",
+                            "prob_normal", "prob_tumor"}
+
+
+def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:
+    first = run_training(_config(tmp_path, run_dir=tmp_path / "a", folds=2))
+    second = run_training(_config(tmp_path, run_dir=tmp_path / "b", folds=2))
+
+    for one, two in zip(first.members, second.members, strict=True):
+        assert one.val["metrics"] == two.val["metrics"]
+        assert one.val["loss"] == two.val["loss"]
+    for fold in ("fold_0", "fold_1"):
+        log_a = _read_csv(tmp_path / "a" / fold / "seed_0" / "log.csv")
+        log_b = _read_csv(tmp_path / "b" / fold / "seed_0" / "log.csv")
+        assert [r["train_loss"] for r in log_a] == [r["train_loss"] for r in log_b]
+
+
+def test_other_seed_changes_training(tmp_path: Path) -> None:
+    run_training(_config(tmp_path, run_dir=tmp_path / "a", folds=2, seed=0))
+    run_training(_config(tmp_path, run_dir=tmp_path / "b", folds=2, seed=5))
+    log_a = _read_csv(tmp_path / "a" / "fold_0" / "seed_0" / "log.csv")
+    log_b = _read_csv(tmp_path / "b" / "fold_0" / "seed_5" / "log.csv")
+    assert [r["train_loss"] for r in log_a] != [r["train_loss"] for r in log_b]
+
+
+def test_split_column_without_validation_trains(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    labels = write_slides(tmp_path / "features", n_slides=4)
+    write_labels(tmp_path / "labels.csv", labels, splits=dict.fromkeys(labels, "train"))
+    with caplog.at_level(logging.WARNING, logger="mil.train_loop"):
+        result = run_training(_config(tmp_path, epochs=2, patience=1))
+
+    member = tmp_path / "run" / "fixed" / "seed_0"
+    assert "no validation slides, so no early stopping" in caplog.text
+    assert result.members[0].epochs_run == 2
+    assert result.members[0].best_epoch == 2
+    assert load_checkpoint(member / "checkpoint.pt").epoch == 2
+    assert not result.members[0].val
+
+
+def test_split_column_with_test_reports_ci(tmp_path: Path) -> None:
+    labels = write_slides(tmp_path / "features", n_slides=12)
+    parts = ["train"] * 6 + ["val"] * 2 + ["test"] * 4
+    write_labels(tmp_path / "labels.csv", labels, splits=dict(zip(labels, parts, strict=True)))
+    result = run_training(_config(tmp_path))
+
+    report = result.members[0].test
+    assert report["n_slides"] == 4
+    low, high = report["ci95"]["accuracy"]
+    assert low <= report["metrics"]["accuracy"] <= high
+    assert (tmp_path / "run" / "fixed" / "seed_0" / "predictions_test.csv").is_file()
+
+
+def test_early_stopping_without_improvement(tmp_path: Path) -> None:
+    # A learning rate of 0 keeps the validation loss fixed, so only epoch 1 counts as best.
+    result = run_training(_config(tmp_path, lr=1e-30, warmup_epochs=0, epochs=10, patience=2,
+                                  folds=2))
+    assert [m.epochs_run for m in result.members] == [3, 3]
+    assert [m.best_epoch for m in result.members] == [1, 1]
+
+
+def test_finished_run_is_reused(tmp_path: Path) -> None:
+    run_training(_config(tmp_path))
+    again = run_training(_config(tmp_path, progress=True))
+    assert again.reused
+    assert len(again.members) == 2
+
+
+def test_other_config_in_run_dir_rejected(tmp_path: Path) -> None:
+    run_training(_config(tmp_path))
+    with pytest.raises(ConfigError, match="differs in: lr"):
+        run_training(_config(tmp_path, lr=5e-4))
+    replaced = run_training(_config(tmp_path, lr=5e-4, overwrite=True))
+    assert not replaced.reused
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["lr"] == 5e-4
+
+
+def test_balanced_sampler_and_acmil_aux_losses(tmp_path: Path) -> None:
+    result = run_training(_config(tmp_path, model="acmil", balance="sampler", epochs=2))
+    log = _read_csv(tmp_path / "run" / "fold_0" / "seed_0" / "log.csv")
+    assert result.members[0].checkpoint.is_file()
+    assert all(float(row["aux_loss"]) > 0 for row in log)
+
+
+def test_unknown_model_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown model 'abmill'"):
+        run_training(_config(tmp_path, model="abmill"))
+
+
+def test_unknown_monitor_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="monitor must be"):
+        _config(tmp_path, monitor="precision")
+
+
+def test_load_config_from_pipeline_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({
+        "output_dir": "out",
+        "train": {"features_dir": "f", "run_dir": "r", "labels": "l.csv", "epochs": 7,
+                  "packing": {"pack_len": 512, "main_fraction": 0.5}},
+    }))
+    cfg = load_train_config(path, {"epochs": 2, "packing": {"pack_len": 256}})
+    assert cfg.epochs == 2
+    assert cfg.packing.pack_len == 256
+    assert cfg.packing.main_fraction == 0.5
+
+
+def _pack(lengths: list[int], labels: torch.Tensor, residual: list[bool]) -> PackedBatch:
+    generator = torch.Generator().manual_seed(0)
+    total = sum(lengths) + 3
+    features = torch.zeros(total, 4)
+    features[: sum(lengths)] = torch.randn(sum(lengths), 4, generator=generator)
+    return PackedBatch(features=features, segments=Segments.from_lengths(lengths, total=total),
+                       labels=labels, bag_ids=[str(i) for i in range(len(lengths))],
+                       is_residual=torch.tensor(residual))
+
+
+def test_residual_bags_weighted_in_loss() -> None:
+    torch.manual_seed(0)
+    model = create_model("mean", in_dim=4, n_classes=2, dropout=0.0)
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.3, 0.7]])
+    pack = _pack([3, 4, 5], labels, [False, False, True])
+    weights = torch.tensor([1.0, 3.0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    stats = train_epoch(model, [pack], optimizer, device=torch.device("cpu"),
+                        class_weights=weights, residual_weight=0.25)
+    with torch.no_grad():
+        logits = model(pack).logits
+    losses = per_bag_loss(logits, labels, weights)
+    expected = (losses[0] + losses[1]) / 2 + 0.25 * losses[2]
+    assert stats.loss == pytest.approx(float(expected), rel=1e-6)
+    plain = torch.nn.functional.cross_entropy(logits[1:2], torch.tensor([1]))
+    assert float(losses[1]) == pytest.approx(3.0 * float(plain), rel=1e-5)
+
+
+def test_soft_label_loss_weights_classes_by_mix() -> None:
+    logits = torch.tensor([[0.2, -0.1]])
+    soft = torch.tensor([[0.25, 0.75]])
+    weights = torch.tensor([2.0, 4.0])
+    expected = -(soft * torch.log_softmax(logits, -1)).sum() * (0.25 * 2.0 + 0.75 * 4.0)
+    assert float(per_bag_loss(logits, soft, weights)[0]) == pytest.approx(float(expected))
+
+
+def test_accumulated_packs_match_one_pack() -> None:
+    labels = torch.tensor([0, 1, 1, 0])
+    joined = _pack([3, 4, 2, 5], labels, [False] * 4)
+    first = _pack([3, 4], labels[:2], [False, False])
+    second = _pack([2, 5], labels[2:], [False, False])
+    second.features[:7] = joined.features[7:14]
+    first.features[:7] = joined.features[:7]
+
+    def trained(packs: list[PackedBatch], per_step: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = create_model("abmil", in_dim=4, n_classes=2, dropout=0.0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        train_epoch(model, packs, optimizer, device=torch.device("cpu"), packs_per_step=per_step)
+        return model.state_dict()
+
+    one, two = trained([joined], 1), trained([first, second], 2)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
+
+
+def test_class_weights_inverse_frequency() -> None:
+    weights = class_weights([0, 0, 0, 1], 3)
+    assert weights.tolist() == pytest.approx([4 / 6, 2.0, 0.0])
+
+
+def test_warmup_then_cosine() -> None:
+    factors = [warmup_cosine_factor(step, 4, 20, 0.1) for step in range(24)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert factors[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:], strict=False))
+    assert factors[20] == pytest.approx(0.1)
+    assert factors[23] == pytest.approx(0.1)
+
+
+def test_early_stopping_counts_patience() -> None:
+    stopper = EarlyStopping("auroc", patience=2, min_epochs=0)
+    assert stopper.update(1, 0.7)
+    assert not stopper.update(2, 0.7)
+    assert not stopper.should_stop(2)
+    assert not stopper.update(3, math.nan)
+    assert stopper.should_stop(3)
+    assert stopper.best_epoch == 1
