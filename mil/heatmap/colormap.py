@@ -17,7 +17,7 @@ class Colormap(StrEnum):
     jet = "jet"
 
 
-# Evenly spaced samples of each map, from low to high; the lookup table interpolates linearly
+# Evenly spaced samples of each map, from low to high. The lookup table interpolates linearly
 # between them, which is close enough to the published maps for a heatmap overlay.
 _ANCHORS: dict[Colormap, tuple[str, ...]] = {
     Colormap.viridis: (

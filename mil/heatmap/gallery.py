@@ -17,7 +17,7 @@ TEXT_COLOR = (20, 20, 20)
 
 
 class TileSource(Protocol):
-    """What the gallery needs from a slide (satisfied by `preprocessing.slide.Slide`)."""
+    """Slide interface the gallery reads tiles through (`preprocessing.slide.Slide` fits)."""
 
     def read_tile(
         self, x: int, y: int, tile_px_level0: float, read_level: int, tile_px: int

@@ -10,7 +10,7 @@ from scipy.stats import rankdata
 
 
 class Normalization(StrEnum):
-    """How scores become colours.
+    """Normalisation of scores before colouring.
 
     `percentile`: rank of the score within the slide, 0 (lowest) to 1 (highest); ties share
     their average rank. Robust to the scale of the attention, so slides of any size compare.

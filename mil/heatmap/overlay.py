@@ -43,10 +43,16 @@ def blend_scores(
             f"thumbnail {thumbnail.shape[:2]}, scores {scores.shape} and coverage "
             f"{coverage.shape} must have one size"
         )
-    alpha = (np.clip(coverage, 0.0, 1.0) * float(opacity))[..., None]
-    colors = apply_colormap(scores, colormap).astype(np.float32)
-    blended = thumbnail.astype(np.float32) * (1.0 - alpha) + colors * alpha
-    return np.rint(blended).astype(np.uint8)
+    alpha = np.clip(coverage, 0.0, 1.0).astype(np.float32)
+    alpha *= float(opacity)
+    # thumbnail + alpha * (colour - thumbnail), in place to keep one float plane per channel.
+    blended = apply_colormap(scores, colormap).astype(np.float32)
+    base = thumbnail[..., :3].astype(np.float32)
+    blended -= base
+    blended *= alpha[..., None]
+    blended += base
+    np.rint(blended, out=blended)
+    return blended.astype(np.uint8)
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:

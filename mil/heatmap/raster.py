@@ -1,9 +1,9 @@
 """Paint per-tile scores onto a thumbnail-sized grid at each tile's exact level-0 footprint.
 
 A tile with top-left corner (x, y) and side `tile_px_level0` covers the level-0 box
-[x, x + tile_px_level0) x [y, y + tile_px_level0). On a thumbnail of size (W, H) of a slide of
-level-0 size (W0, H0) the box is scaled by W / W0 along x and by H / H0 along y, separately,
-because thumbnail sizes are rounded per axis and the two scales differ slightly.
+[x, x + tile_px_level0) x [y, y + tile_px_level0). A thumbnail of size (W, H) of a slide of
+level-0 size (W0, H0) scales the box by W / W0 along x and by H / H0 along y. The two scales
+differ slightly because thumbnail sizes are rounded per axis.
 
 Each thumbnail pixel receives the area-weighted mean of the scores of the tiles that overlap
 it, and a coverage equal to the summed overlap fraction: 1 inside tissue, fractional on tile
@@ -49,29 +49,32 @@ def tile_boxes(coords: np.ndarray, tile_px_level0: float) -> np.ndarray:
     return np.concatenate([coords, coords + size], axis=1)
 
 
-def _axis_spans(low: np.ndarray, high: np.ndarray, n_pixels: int) -> tuple[np.ndarray, ...]:
-    """Split intervals [low, high) in pixel units into 3 pixel spans with constant overlap.
+def _axis_steps(low: np.ndarray, high: np.ndarray, n_pixels: int) -> tuple[np.ndarray, ...]:
+    """Steps of the coverage profile of intervals [low, high) given in pixel units.
 
-    Span 0 is the first (partly covered) pixel, span 1 the fully covered pixels, span 2 the last
-    (partly covered) pixel. Returns start, stop (int64 [N, 3], clipped to [0, n_pixels]) and
-    weight (float64 [N, 3]: the covered fraction of each pixel of the span).
+    Pixel i is covered by the fraction of [i, i + 1) inside the interval: w_first on the first
+    pixel, 1 in between, w_last on the last. The profile is the cumulative sum of 4 steps: at
+    first (+w_first), first + 1 (1 - w_first), last (w_last - 1) and last + 1 (-w_last). For an
+    interval inside one pixel the steps are +w and -w. Step positions are clipped to
+    [0, n_pixels], so steps left of the canvas still count and steps right of it land in a
+    spare column that is dropped.
+
+    Returns:
+        position int64 [N, 4] and step float64 [N, 4].
     """
     first = np.floor(low)
     last = np.floor(high)
     single = last == first
-    start = np.stack([first, first + 1, last], axis=1)
-    stop = np.stack([first + 1, np.maximum(last, first + 1), last + 1], axis=1)
-    weight = np.stack(
-        [
-            np.where(single, high - low, first + 1 - low),
-            np.ones_like(low),
-            np.where(single, 0.0, high - last),
-        ],
+    w_first = np.where(single, high - low, first + 1 - low)
+    w_last = np.where(single, 0.0, high - last)
+    position = np.stack([first, first + 1, last, last + 1], axis=1)
+    step = np.stack(
+        [w_first, np.where(single, -w_first, 1 - w_first), w_last - np.where(single, 0.0, 1.0),
+         -w_last],
         axis=1,
     )
-    start = np.clip(start, 0, n_pixels).astype(np.int64)
-    stop = np.clip(stop, 0, n_pixels).astype(np.int64)
-    return start, stop, weight
+    position = np.clip(position, 0, n_pixels).astype(np.int64)
+    return position, step
 
 
 def rasterize_tiles(
@@ -102,43 +105,16 @@ def rasterize_tiles(
     scale_y = height / float(level0_size[1])
     n_channels = values.shape[1]
 
-    x_start, x_stop, x_weight = _axis_spans(boxes[:, 0] * scale_x, boxes[:, 2] * scale_x, width)
-    y_start, y_stop, y_weight = _axis_spans(boxes[:, 1] * scale_y, boxes[:, 3] * scale_y, height)
+    x_position, x_step = _axis_steps(boxes[:, 0] * scale_x, boxes[:, 2] * scale_x, width)
+    y_position, y_step = _axis_steps(boxes[:, 1] * scale_y, boxes[:, 3] * scale_y, height)
 
-    # Each tile is the sum of 3 x 3 rectangles of constant weight; each rectangle adds +w at
-    # its top-left and bottom-right corners and -w at the other two in a difference array whose
-    # 2-D cumulative sum is the painted plane.
+    # A tile's coverage is the outer product of its x and y profiles. So its 2-D difference
+    # array is the outer product of its 4 x steps and 4 y steps, 16 entries per tile, and the
+    # 2-D cumulative sum of all entries paints every tile at once.
     stride = width + 1
-    corner_index: list[np.ndarray] = []
-    corner_weight: list[np.ndarray] = []
-    for i in range(3):
-        for j in range(3):
-            weight = x_weight[:, i] * y_weight[:, j]
-            keep = (
-                (weight > 0)
-                & (x_stop[:, i] > x_start[:, i])
-                & (y_stop[:, j] > y_start[:, j])
-            )
-            if not keep.any():
-                continue
-            x0, x1 = x_start[keep, i], x_stop[keep, i]
-            y0, y1 = y_start[keep, j], y_stop[keep, j]
-            w = weight[keep]
-            tiles = np.flatnonzero(keep)
-            for index, sign in ((y0 * stride + x0, 1.0), (y0 * stride + x1, -1.0),
-                                (y1 * stride + x0, -1.0), (y1 * stride + x1, 1.0)):
-                corner_index.append(np.stack([index, tiles], axis=1))
-                corner_weight.append(sign * w)
-
+    cells = (y_position[:, :, None] * stride + x_position[:, None, :]).reshape(-1)
+    steps = (y_step[:, :, None] * x_step[:, None, :]).reshape(-1)
     n_cells = (height + 1) * stride
-    if corner_index:
-        pairs = np.concatenate(corner_index)
-        signed = np.concatenate(corner_weight)
-        cells, tiles = pairs[:, 0], pairs[:, 1]
-    else:
-        cells = np.zeros(0, dtype=np.int64)
-        tiles = np.zeros(0, dtype=np.int64)
-        signed = np.zeros(0)
 
     def integrate(cell_weights: np.ndarray) -> np.ndarray:
         plane = np.bincount(cells, weights=cell_weights, minlength=n_cells)
@@ -147,12 +123,12 @@ def rasterize_tiles(
         np.cumsum(plane, axis=1, out=plane)
         return plane[:height, :width]
 
-    coverage = integrate(signed)
+    coverage = integrate(steps)
     # Cumulative sums leave rounding residue of order 1e-12 on uncovered pixels.
     covered = coverage > 1e-6
     mean = np.zeros((height, width, n_channels), dtype=np.float32)
     for channel in range(n_channels):
-        total = integrate(signed * values[tiles, channel])
+        total = integrate(steps * np.repeat(values[:, channel], 16))
         mean[..., channel][covered] = total[covered] / coverage[covered]
     coverage = np.where(covered, coverage, 0.0).astype(np.float32)
     return ScoreRaster(mean=mean, coverage=coverage, scale_xy=(scale_x, scale_y))

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,7 +35,7 @@ SUMMARY_NAME = "summary.json"
 
 
 class HeatmapSlide(Protocol):
-    """What rendering needs from a slide (satisfied by `preprocessing.slide.Slide`)."""
+    """Slide interface used by rendering (`preprocessing.slide.Slide` fits)."""
 
     @property
     def dimensions(self) -> tuple[int, int]: ...
@@ -101,10 +102,10 @@ def predicted_class_name(attrs: dict[str, Any]) -> str | None:
 
 
 def head_names(attrs: dict[str, Any], n_heads: int) -> tuple[list[str], bool]:
-    """Names of the H attention heads and whether they are per-class heads.
+    """Name the H attention heads and tell whether they are per-class heads.
 
-    Uses the store's `head_names` attribute (JSON list) when it has H entries; heads are per
-    class when `attention_per_class` is true and H equals the number of classes.
+    Heads are per class when the store's `attention_per_class` is true and H equals the number
+    of classes. Otherwise the `head_names` attribute (JSON list) names them if it has H entries.
     """
     names = _json_attr(attrs.get("head_names"))
     per_class = bool(attrs.get("attention_per_class", False))
@@ -117,7 +118,7 @@ def head_names(attrs: dict[str, Any], n_heads: int) -> tuple[list[str], bool]:
 
 
 def score_maps(store: AttentionStore, keep: np.ndarray, per_head: bool) -> list[ScoreMap]:
-    """The maps to draw for a store: the slide map first, then one per head if asked.
+    """Build the maps to draw for a store: the slide map first, then one per head if asked.
 
     The slide map of [N, H] attention is the head of the predicted class for per-class heads,
     else the mean over heads.
@@ -160,6 +161,12 @@ def _write_json(data: dict[str, Any], path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _lap(seconds: dict[str, float], name: str, start: float) -> float:
+    now = time.perf_counter()
+    seconds[name] = round(now - start, 4)
+    return now
 
 
 def _tile_px_level0(store: AttentionStore) -> float:
@@ -273,6 +280,8 @@ def render_slide(
         The summary written to `summary.json`.
     """
     slide_id = slide_id or str(store.attrs.get("slide_id") or store.path.stem)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
     keep, n_dropped = check_store(store)
     tile_px_level0 = _tile_px_level0(store)
     level0_size = _check_slide_size(store, slide)
@@ -282,6 +291,7 @@ def render_slide(
 
     thumbnail = np.asarray(slide.get_thumbnail(thumbnail_max_size(level0_size, cfg)))[..., :3]
     thumb_height, thumb_width = thumbnail.shape[:2]
+    clock = _lap(seconds, "thumbnail", clock)
     maps = score_maps(store, keep, cfg.per_head)
     normalized = [normalize_scores(m.scores, cfg.normalization, cfg.raw_range) for m in maps]
     raster = rasterize_tiles(
@@ -300,6 +310,7 @@ def render_slide(
         _save_png(figure, output_dir / name)
         files[score_map.name] = name
     del raster
+    clock = _lap(seconds, "maps", clock)
 
     origin = bounds_origin(slide) if cfg.geojson_origin is GeoJsonOrigin.bounds else (0, 0)
     if cfg.geojson:
@@ -314,6 +325,7 @@ def render_slide(
             object_type=cfg.geojson_object_type,
         )
         files["geojson"] = "tiles.geojson"
+        clock = _lap(seconds, "geojson", clock)
 
     if cfg.top_k > 0:
         store_rows = np.flatnonzero(keep)
@@ -331,6 +343,7 @@ def render_slide(
         write_gallery_csv(output_dir / "top_tiles.csv", tiles, tile_px_level0)
         files["gallery"] = "top_tiles.png"
         files["gallery_csv"] = "top_tiles.csv"
+        clock = _lap(seconds, "gallery", clock)
 
     summary: dict[str, Any] = {
         "slide_id": slide_id,
@@ -351,6 +364,7 @@ def render_slide(
         "probability": store.attrs.get("probability"),
         "maps": [m.title for m in maps],
         "files": files,
+        "seconds": seconds,
         "complete": True,
     }
     _write_json(summary, output_dir / SUMMARY_NAME)
@@ -358,7 +372,7 @@ def render_slide(
 
 
 def is_complete_output(output_dir: Path) -> bool:
-    """True when `output_dir` holds a summary written by a finished `render_slide`."""
+    """True when `output_dir` contains a summary written by a finished `render_slide`."""
     path = Path(output_dir) / SUMMARY_NAME
     try:
         return bool(json.loads(path.read_text(encoding="utf-8")).get("complete"))

@@ -63,7 +63,7 @@ def _slide_overrides(spec: str | None) -> dict[str, Path]:
 def _job_list(
     cfg: HeatmapConfig, folder: Path, stores: dict[str, Path]
 ) -> list[SlideInput]:
-    """One job per slide id; its path is the attention store (present or expected)."""
+    """Build one job per slide id whose path is its attention store (present or expected)."""
     ids = list(dict.fromkeys(cfg.slide_ids)) if cfg.slide_ids else sorted(stores)
     if not ids:
         raise ConfigError(

@@ -109,7 +109,8 @@ def test_missing_folder_is_config_error(tmp_path: Path) -> None:
         run_heatmaps(_config(tmp_path / "nowhere", tmp_path / "out"))
 
 
-def test_stop_on_first_error(tmp_path: Path, make_case: Callable[..., SyntheticCase]) -> None:
+def test_no_skip_errors_stops_batch(tmp_path: Path,
+                                    make_case: Callable[..., SyntheticCase]) -> None:
     attention = tmp_path / "attention"
     make_case(attention, "slide-a").slide_path.unlink()
     make_case(attention, "slide-b")
