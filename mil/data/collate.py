@@ -89,13 +89,15 @@ def collate(
     if dim is None:
         raise ValueError("collate of an empty pack needs `dim`")
 
-    features = torch.zeros((total, dim), dtype=torch.float32)
+    # Only the padding rows are zeroed; copy_ converts float16 stores to float32 in place.
+    features = torch.empty((total, dim), dtype=torch.float32)
+    features[valid:].zero_()
     coords = torch.zeros((total, 2), dtype=torch.int64)
     tile_index = torch.full((total,), -1, dtype=torch.int64)
     row = 0
     for bag in bags:
         stop = row + bag.n_tiles
-        features[row:stop] = torch.from_numpy(np.asarray(bag.features, dtype=np.float32))
+        features[row:stop].copy_(torch.from_numpy(np.ascontiguousarray(bag.features)))
         coords[row:stop] = torch.from_numpy(np.asarray(bag.coords, dtype=np.int64))
         tile_index[row:stop] = torch.from_numpy(np.asarray(bag.tile_index, dtype=np.int64))
         row = stop

@@ -2,9 +2,9 @@
 
 A bag is one slide: its tile features [N, D], the level-0 (x, y) coordinates of the tiles and
 the slide's label. `BagDataset` opens each store only while it reads from it, so it can be
-pickled into DataLoader worker processes, and it checks every read: two-dimensional features of
-the data set's dimension, as many feature rows as coords, and no NaN or infinite value (the
-error names the slide, the file and the first bad row).
+pickled into DataLoader worker processes. Every read is checked for two-dimensional features of
+the data set's dimension, as many feature rows as coords, and no NaN or infinite value. Errors
+name the slide, the file and the first bad row.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import h5py
 import numpy as np
 import torch
 
@@ -157,6 +158,30 @@ class ImportedSource:
         """Nothing to close: the file was read whole when opened."""
 
 
+def probe_shape(path: Path, source_format: FeatureFileFormat) -> tuple[int, int]:
+    """Tiles N and feature dimension D of a feature file, reading no features where possible.
+
+    slidemil stores are opened (which validates them); CLAM, TRIDENT and STAMP HDF5 files are
+    read for their dataset shape only, and CLAM `.pt` files are loaded whole.
+    """
+    if source_format in ("slidemil", "clam_pt"):
+        with open_source(path, source_format) as store:
+            return store.n_tiles, store.dim
+    name = "feats" if source_format == "stamp" else "features"
+    try:
+        with h5py.File(path, "r") as handle:
+            shape = tuple(handle[name].shape) if name in handle else None
+    except OSError as err:
+        raise StoreFormatError(f"{path}: not a readable HDF5 file ({err}); copy it again or "
+                               "re-extract the slide") from err
+    if shape is not None and len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]  # some CLAM forks store [1, N, D]
+    if shape is None or len(shape) != 2:
+        raise StoreFormatError(f"{path}: a {source_format} file needs a {name!r} dataset of "
+                               f"shape (N, D), found {shape}; re-extract the slide")
+    return int(shape[0]), int(shape[1])
+
+
 @contextmanager
 def open_source(path: Path, source_format: FeatureFileFormat = "slidemil") -> Iterator[
         FeatureSource]:
@@ -235,10 +260,10 @@ class BagDataset(torch.utils.data.Dataset[Bag]):
         lengths, dims = [], set()
         for slide_id, path, source_format in zip(self.slide_ids, self.paths, self.formats,
                                                  strict=True):
-            with open_source(path, source_format) as store:
-                lengths.append(store.n_tiles)
-                if store.n_tiles:
-                    dims.add((store.dim, slide_id, path))
+            n_tiles, dim = probe_shape(path, source_format)
+            lengths.append(n_tiles)
+            if n_tiles:
+                dims.add((dim, slide_id, path))
         self.lengths = np.asarray(lengths, dtype=np.int64)
         dim_values = sorted({dim for dim, _, _ in dims})
         if len(dim_values) > 1:
@@ -332,7 +357,7 @@ class BagDataset(torch.utils.data.Dataset[Bag]):
         return features, np.ascontiguousarray(coords, dtype=np.int64)
 
     def iter_bags(self) -> Iterator[Bag]:
-        """Every bag in order, all tiles (no cap)."""
+        """Yield every bag in order with all its tiles (no cap)."""
         for index in range(len(self)):
             yield self.read(index)
 

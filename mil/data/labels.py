@@ -3,7 +3,7 @@
 A label CSV has one row per slide with the columns `slide_id` and `label`, and optionally
 `case_id` (the patient), `split` (train/val/test) and any number of extra target columns.
 `join_labels` matches it against the slides that have feature stores and returns a `JoinReport`
-listing every mismatch; `ClassMap` turns label values into class indices and is saved once per
+listing every mismatch. `ClassMap` turns label values into class indices. It is saved once per
 run as `classes.json`, so training, prediction and heatmaps agree on the order of the classes.
 """
 
@@ -61,6 +61,11 @@ def normalize_label(value: object) -> str | None:
     text = str(value).strip()
     if text.lower() in BLANK_VALUES:
         return None
+    try:
+        # Integers are parsed exactly, so long numeric labels do not lose digits as floats.
+        return str(int(text))
+    except ValueError:
+        pass
     try:
         number = float(text)
     except ValueError:
@@ -149,7 +154,7 @@ def normalize_split(value: str, path: Path | None = None, line: int = 0) -> str 
     """Map a split cell to `train`, `val` or `test`; blank cells give None.
 
     Raises:
-        ConfigError: the cell holds another word.
+        ConfigError: the cell contains any other value.
     """
     text = value.strip().lower()
     if text in BLANK_VALUES:
@@ -325,9 +330,9 @@ class JoinReport:
         for title, ids in faults:
             if not ids:
                 continue
-            shown = ", ".join(ids[:max_ids])
+            listed = ", ".join(ids[:max_ids])
             more = f", ... ({len(ids) - max_ids} more)" if len(ids) > max_ids else ""
-            lines.append(f"{title}: {len(ids)}: {shown}{more}")
+            lines.append(f"{title}: {len(ids)}: {listed}{more}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, object]:

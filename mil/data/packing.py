@@ -1,9 +1,9 @@
 """PackMIL packing: many bags per fixed-length pack, built in DataLoader workers.
 
-Training (PackMIL): every epoch each bag's tiles are put in a seeded random order and split
-into a main part (the first `main_fraction` of that order, capped at `max_tiles_per_bag`) and a
-residual part (the rest, capped so that `slides_per_hyperslide` of them fit one bag). Main parts
-are packed into packs of `pack_len` rows with first-fit-decreasing. Residual parts of several
+Training (PackMIL): every epoch each bag's tiles are put in a seeded random order. The first
+`main_fraction` of that order, capped at `max_tiles_per_bag`, is the bag's main part. The rest
+is its residual part, capped so that `slides_per_hyperslide` residual parts fit one bag. Main
+parts are packed into packs of `pack_len` rows with first-fit-decreasing. Residual parts of several
 slides are concatenated into hyperslides whose soft label mixes the member labels by tile
 count; they are packed with the main parts and flagged `is_residual` so the loss can weight
 them by `residual_loss_weight`. Tiles beyond the caps are left out for that epoch only.
@@ -13,7 +13,7 @@ first-fit-decreasing, and a longer bag gets a pack of its own, exactly as long a
 its prediction equals that of the unpacked bag.
 
 A plan (which rows of which slides go into which pack) is computed in the main process from the
-bag lengths alone; DataLoader workers read the rows and build the `PackedBatch`. The tile order
+bag lengths alone. DataLoader workers read the rows and build the `PackedBatch`. The tile order
 of a slide is regenerated in the worker from (seed, epoch, draw), so a plan stays small.
 """
 
@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 
 class PackingConfig(BaseModel):
-    """How training bags are split, capped and packed (PackMIL)."""
+    """Settings for splitting, capping and packing training bags (PackMIL)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -139,7 +139,7 @@ class PlannedBag:
 
 @dataclass
 class PackPlan:
-    """Which rows of which slides go into which pack, for one epoch.
+    """Assignment of slide rows to packs for one epoch (or for inference).
 
     Attributes:
         packs: the bags of each pack, in pack order.
@@ -180,8 +180,11 @@ class PackPlan:
         )
 
     def select(self, rank: int, world_size: int, equal: bool) -> PackPlan:
-        """The packs of one of `world_size` processes; `equal` drops the remainder packs so every
-        process takes the same number of steps (training), else none is dropped (inference)."""
+        """Return the plan of process `rank`: every `world_size`-th pack.
+
+        With `equal` the remainder packs are dropped, so every process takes the same number of
+        steps (training). Without it no pack is dropped (inference).
+        """
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
         if world_size == 1:
@@ -446,8 +449,8 @@ def build_train_loader(
         feature_cache: gather features from this device-resident cache instead of the stores;
             the packs are then built in the main process directly on the cache's device.
         rank: index of this process under DDP.
-        world_size: number of DDP processes; each takes every `world_size`-th pack and all take
-            the same number (up to `world_size - 1` packs of the epoch are left out).
+        world_size: number of DDP processes. Each takes every `world_size`-th pack, and all
+            take the same number, so up to `world_size - 1` packs of the epoch are left out.
         pin_memory: page-locked batches for faster host-to-GPU copies.
         prefetch_factor: packs each worker reads ahead (DataLoader default when None).
     """
@@ -458,6 +461,9 @@ def build_train_loader(
     bad = [label for label in dataset.labels if label is not None and not 0 <= label < n_classes]
     if bad:
         raise ConfigError(f"class indices {sorted(set(bad))} outside 0..{n_classes - 1}")
+    if not (dataset.lengths > 0).any():
+        raise ConfigError(f"none of the {len(dataset)} training slides has tiles; check the "
+                          "tiling manifest (status no_tissue) and the feature folder")
     plan = plan_train_packs(dataset.lengths, packing_cfg, seed, epoch, dataset.labels)
     plan = plan.select(rank, world_size, equal=True)
     logger.info("epoch %d packing: %s", epoch, plan.stats.describe())
@@ -477,7 +483,7 @@ def build_eval_loader(
 ) -> PackLoader:
     """Packed inference batches holding every tile of every slide with tiles.
 
-    Bags up to `pack_len` tiles are packed whole (first-fit-decreasing); a longer bag is
+    Bags up to `pack_len` tiles are packed whole with first-fit-decreasing. A longer bag is
     alone in a pack of exactly its length, so no tile is dropped and no bag is chunked.
     Labels are int64 [B], or None when the data set has no labels. Slides without tiles are
     left out with a warning. Under DDP each process takes every `world_size`-th pack.

@@ -164,6 +164,16 @@ def test_reads_stamp_without_pixel_coords(tmp_path: Path) -> None:
     assert bag.coords.tolist() == [[-1, -1]] * 4
 
 
+def test_clam_file_without_features_rejected(tmp_path: Path) -> None:
+    folder = tmp_path / "clam"
+    folder.mkdir()
+    with h5py.File(folder / "s.h5", "w") as handle:
+        handle.create_dataset("features", data=np.ones((2, 3, 4), np.float32))
+        handle.create_dataset("coords", data=grid_coords(2))
+    with pytest.raises(StoreFormatError, match=r"s\.h5.*shape \(N, D\)"):
+        BagDataset(folder)
+
+
 def test_empty_slide_has_length_zero(make_store: StoreFactory, tmp_path: Path) -> None:
     make_store("a", 0)
     make_store("b", 4)

@@ -25,7 +25,8 @@ from preprocessing.errors import ConfigError
     ("value", "expected"),
     [
         (0, "0"), (0.0, "0"), ("0", "0"), (" 0.00 ", "0"), ("1e1", "10"), (True, "1"),
-        ("2.5", "2.5"), (" Tumor ", "Tumor"), ("", None), ("NA", None), ("nan", None),
+        ("2.5", "2.5"), ("12345678901234567890", "12345678901234567890"),
+        (" Tumor ", "Tumor"), ("", None), ("NA", None), ("nan", None),
         (float("nan"), None), (None, None),
     ],
 )

@@ -163,6 +163,12 @@ def test_eval_loader_without_labels(feature_dir: FeatureDir) -> None:
     assert batches[0].bag_ids == ["s1", "s0"]
 
 
+def test_train_loader_needs_tiles(feature_dir: FeatureDir) -> None:
+    dataset = BagDataset(feature_dir([0, 0]), labels=[0, 1])
+    with pytest.raises(ConfigError, match="none of the 2 training slides has tiles"):
+        build_train_loader(dataset, PackingConfig(pack_len=8), 2, seed=0)
+
+
 def test_train_loader_rejects_bad_labels(feature_dir: FeatureDir) -> None:
     folder = feature_dir([3, 4])
     with pytest.raises(ConfigError, match="no label"):
