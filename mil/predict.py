@@ -1,0 +1,315 @@
+"""`slidemil predict`: slide predictions and per-tile attention from a trained run.
+
+The models of a run directory (one fold and seed, or the ensemble of every fold and seed) are
+applied to the feature stores of a folder. Every tile of every slide is used: bags are packed
+whole, in eval mode and without gradients. An ensemble averages the class probabilities and
+the per-tile attention of its members.
+
+Outputs in `output_dir` (the run directory by default):
+
+    predictions.csv            slide_id, [label], predicted_class, probability, prob_<class>...,
+                               n_tiles, n_models
+    prediction_metrics.json    metrics with bootstrap 95% CIs (only when a label CSV is given)
+    attention/<slide_id>.h5    attention (N,) or (N, branches) in the feature store's row order,
+                               coords (N, 2) level-0 (x, y), and the slide's attributes
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from mil.batch import PackedBatch
+from mil.checkpoint import Checkpoint, load_checkpoint
+from mil.engine import autocast_context
+from mil.metrics import evaluate_predictions
+from mil.progress import progress_bars
+from mil.run_dir import RunLayout, prediction_rows, write_csv, write_json
+from preprocessing.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: Feature store attributes copied into each attention store, for heatmaps and provenance.
+COPIED_ATTRS = (
+    "slide_path", "tile_px_level0", "level0_width", "level0_height", "slide_mpp", "target_mpp",
+    "tile_px", "backbone", "patch_size", "patch_size_level0",
+)
+
+
+class PredictConfig(BaseModel):
+    """Everything `slidemil predict` needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: Path = Field(description="run directory written by `slidemil train`")
+    features_dir: Path = Field(description="folder of <slide_id>.h5|.zarr feature stores")
+    output_dir: Path | None = Field(None, description="where predictions go; default run_dir")
+    folds: list[str] | None = Field(
+        None, description="splits to use (fold_0, ... or fixed); default all")
+    seeds: list[int] | None = Field(None, description="seeds to use; default all")
+    ensemble: bool = Field(
+        True, description="average all selected models; false requires exactly one")
+    checkpoint: Literal["best", "last"] = Field(
+        "best", description="best validation epoch (checkpoint.pt) or last epoch")
+    slides: list[str] | None = Field(None, description="slide ids to predict; default all")
+    labels: Path | None = Field(None, description="label CSV; adds labels and metrics")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    pack_len: int | None = Field(
+        None, ge=1, description="tiles per inference pack; default the run's pack_len")
+    num_workers: int = Field(0, ge=0, description="DataLoader processes reading packs")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on the CPU)")
+    write_attention: bool = Field(True, description="write attention/<slide_id>.h5")
+    n_bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for 95% CIs")
+    progress: bool = Field(True, description="show a progress bar")
+
+
+@dataclass
+class PredictResult:
+    """What `run_prediction` wrote.
+
+    Attributes:
+        predictions_path: the predictions CSV.
+        attention_dir: folder of attention stores (None when not written).
+        n_ok: slides predicted.
+        n_failed: slides that could not be predicted.
+        n_skipped: slides without tiles (no prediction, no attention).
+        checkpoints: the models used.
+        metrics: metrics report when labels were given, else empty.
+    """
+
+    predictions_path: Path
+    attention_dir: Path | None
+    n_ok: int
+    n_failed: int = 0
+    n_skipped: int = 0
+    checkpoints: list[Path] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        text = (f"{self.n_ok} slide(s) predicted with {len(self.checkpoints)} model(s) -> "
+                f"{self.predictions_path}")
+        if self.n_skipped:
+            text += f"; {self.n_skipped} without tiles skipped"
+        return text
+
+
+def select_checkpoints(cfg: PredictConfig) -> list[Path]:
+    """Checkpoint files of the run selected by `folds`, `seeds` and `checkpoint`."""
+    layout = RunLayout(cfg.run_dir)
+    name = "checkpoint.pt" if cfg.checkpoint == "best" else "checkpoint_last.pt"
+    found = sorted(layout.root.glob(f"*/seed_*/{name}"))
+    chosen = [
+        path for path in found
+        if (cfg.folds is None or path.parent.parent.name in cfg.folds)
+        and (cfg.seeds is None or path.parent.name in {f"seed_{s}" for s in cfg.seeds})
+    ]
+    if not chosen:
+        available = sorted({f"{p.parent.parent.name}/{p.parent.name}" for p in found})
+        raise CheckpointError(
+            f"{layout.root}: no {name} matches folds={cfg.folds} seeds={cfg.seeds} "
+            f"(available: {', '.join(available) or 'none'}); train first or change the selection"
+        )
+    if not cfg.ensemble and len(chosen) > 1:
+        names = [f"{p.parent.parent.name}/{p.parent.name}" for p in chosen]
+        raise ConfigError(
+            f"ensemble is off but {len(chosen)} models match ({', '.join(names)}); "
+            "select one with folds and seeds"
+        )
+    return chosen
+
+
+def load_members(cfg: PredictConfig, paths: Sequence[Path], in_dim: int,
+                 device: torch.device) -> tuple[list[Checkpoint], list[nn.Module], list[str]]:
+    """Load and check every selected checkpoint against the run's class map and the features."""
+    from mil.data import ClassMap
+
+    classes = list(ClassMap.load(RunLayout(cfg.run_dir).classes).names)
+    checkpoints: list[Checkpoint] = []
+    for path in paths:
+        expected_model = checkpoints[0].model_name if checkpoints else None
+        checkpoints.append(load_checkpoint(path, expected_model=expected_model,
+                                           expected_classes=classes, expected_in_dim=in_dim))
+    models = [checkpoint.build_model(device) for checkpoint in checkpoints]
+    return checkpoints, models, classes
+
+
+@torch.no_grad()
+def ensemble_forward(
+    models: Sequence[nn.Module], batch: PackedBatch, device: torch.device, amp: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean class probabilities [B, C] and mean attention [T] or [T, H] of `models` on a batch."""
+    probs_sum: torch.Tensor | None = None
+    attention_sum: torch.Tensor | None = None
+    for model in models:
+        model.eval()
+        with autocast_context(device, amp):
+            output = model(batch)
+        probs = torch.softmax(output.logits.float(), dim=-1)
+        attention = output.attention.float()
+        probs_sum = probs if probs_sum is None else probs_sum + probs
+        attention_sum = attention if attention_sum is None else attention_sum + attention
+    assert probs_sum is not None and attention_sum is not None
+    return probs_sum / len(models), attention_sum / len(models)
+
+
+def run_prediction(cfg: PredictConfig) -> PredictResult:
+    """Predict every slide of `features_dir` and write predictions and attention stores.
+
+    Raises:
+        CheckpointError: no checkpoint matches, or one belongs to another model, class map or
+            feature dimension.
+        ConfigError: the selection or the label file is invalid.
+    """
+    from mil.data import BagDataset, build_eval_loader, find_feature_stores
+    from mil.distributed import resolve_device
+
+    output_dir = Path(cfg.output_dir or cfg.run_dir)
+    paths = select_checkpoints(cfg)
+    stores = find_feature_stores(cfg.features_dir)
+    slide_ids = sorted(stores) if cfg.slides is None else list(cfg.slides)
+    missing = [slide_id for slide_id in slide_ids if slide_id not in stores]
+    if missing:
+        raise ConfigError(f"no feature store in {cfg.features_dir} for slide(s) {missing[:5]}; "
+                          "run `slidemil extract` for them or remove them from `slides`")
+    if not slide_ids:
+        raise ConfigError(f"{cfg.features_dir} holds no feature stores; run `slidemil extract`")
+
+    device = resolve_device(cfg.device)
+    dataset = BagDataset(cfg.features_dir, slide_ids=slide_ids)
+    checkpoints, models, classes = load_members(cfg, paths, dataset.dim, device)
+    threshold = float(np.mean([checkpoint.threshold for checkpoint in checkpoints]))
+    pack_len = cfg.pack_len or int(
+        checkpoints[0].train_config.get("packing", {}).get("pack_len", 16384))
+    loader = build_eval_loader(dataset, pack_len, num_workers=cfg.num_workers)
+    true_labels = _read_true_labels(cfg, slide_ids, classes)
+    logger.info("predicting %d slide(s) with %d %s model(s) from %s", len(slide_ids),
+                len(models), checkpoints[0].model_name, cfg.run_dir)
+
+    attention_dir = output_dir / "attention" if cfg.write_attention else None
+    bag_ids: list[str] = []
+    probs: list[np.ndarray] = []
+    n_tiles: list[int] = []
+    with progress_bars(cfg.progress) as progress:
+        advance = progress.start("predict", sum(len(pack) for pack in loader.plan.packs))
+        for batch in loader:
+            batch = batch.to(device, non_blocking=True)
+            batch_probs, attention = ensemble_forward(models, batch, device, cfg.amp)
+            batch_probs_np = batch_probs.cpu().double().numpy()
+            for index, (slide_id, bag_attention, rows) in enumerate(_per_bag(batch, attention)):
+                bag_ids.append(slide_id)
+                probs.append(batch_probs_np[index])
+                n_tiles.append(len(rows))
+                if attention_dir is not None:
+                    _write_attention(
+                        attention_dir / f"{slide_id}.h5", dataset, slide_id, bag_attention, rows,
+                        batch_probs_np[index], classes, threshold, checkpoints,
+                    )
+            advance(batch.num_bags)
+
+    probs_array = np.stack(probs) if probs else np.zeros((0, len(classes)))
+    labels_array = (np.asarray([true_labels[s] for s in bag_ids], dtype=np.int64)
+                    if true_labels is not None else None)
+    rows_out = prediction_rows(bag_ids, probs_array, classes, threshold, labels_array)
+    for row, count in zip(rows_out, n_tiles, strict=True):
+        row["n_tiles"] = count
+        row["n_models"] = len(models)
+    order = np.argsort(bag_ids, kind="stable")
+    predictions_path = output_dir / "predictions.csv"
+    if predictions_path.exists():
+        logger.info("replacing %s", predictions_path)
+    write_csv(predictions_path, [rows_out[i] for i in order])
+
+    metrics: dict[str, Any] = {}
+    if labels_array is not None and len(labels_array):
+        report = evaluate_predictions(labels_array, probs_array, threshold=threshold,
+                                      n_bootstrap=cfg.n_bootstrap, context="predictions")
+        metrics = {**report.to_dict(), "checkpoints": [str(p) for p in paths]}
+        write_json(output_dir / "prediction_metrics.json", metrics)
+
+    skipped = len(slide_ids) - len(bag_ids)
+    result = PredictResult(predictions_path=predictions_path, attention_dir=attention_dir,
+                           n_ok=len(bag_ids), n_skipped=skipped, checkpoints=list(paths),
+                           metrics=metrics)
+    logger.info("%s", result)
+    return result
+
+
+def _per_bag(batch: PackedBatch, attention: torch.Tensor
+             ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(slide id, attention in store row order, store rows) of every bag of an inference batch."""
+    values = batch.segments.split(attention.detach().cpu())
+    if batch.tile_index is None:
+        raise ValueError("inference batches must carry tile_index to align attention with rows")
+    rows = batch.segments.split(batch.tile_index.detach().cpu())
+    out = []
+    for slide_id, bag_values, bag_rows in zip(batch.bag_ids, values, rows, strict=True):
+        order = torch.argsort(bag_rows)
+        out.append((slide_id, bag_values[order].numpy(), bag_rows[order].numpy()))
+    return out
+
+
+def _write_attention(
+    path: Path,
+    dataset: Any,
+    slide_id: str,
+    attention: np.ndarray,
+    rows: np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    threshold: float,
+    checkpoints: Sequence[Checkpoint],
+) -> None:
+    """Write one slide's attention store; every store row must have a value."""
+    from mil.data.dataset import open_source
+    from mil.metrics import predict_classes
+    from preprocessing.stores import write_attention_store
+
+    index = dataset.index_of(slide_id)
+    n_rows = int(dataset.lengths[index])
+    if len(rows) != n_rows or not np.array_equal(rows, np.arange(n_rows)):
+        raise ValueError(f"slide {slide_id}: attention covers {len(rows)} of {n_rows} tiles; "
+                         "inference must never drop tiles")
+    with open_source(dataset.paths[index]) as store:
+        store_attrs = dict(store.attrs)
+        coords = np.asarray(store.coords, dtype=np.int64)
+    predicted = int(predict_classes(probs[None, :], threshold)[0])
+    attrs: dict[str, Any] = {key: store_attrs[key] for key in COPIED_ATTRS if key in store_attrs}
+    attrs.update({
+        "slide_id": slide_id,
+        "predicted_class": classes[predicted],
+        "probability": float(probs[predicted]),
+        "probabilities": json.dumps({name: float(p) for name, p in zip(classes, probs,
+                                                                         strict=True)}),
+        "classes": json.dumps(list(classes)),
+        "threshold": threshold,
+        "model": checkpoints[0].model_name,
+        "n_models": len(checkpoints),
+        "checkpoints": json.dumps([str(c.path) for c in checkpoints]),
+    })
+    write_attention_store(path, attention, coords, attrs)
+
+
+def _read_true_labels(cfg: PredictConfig, slide_ids: Sequence[str], classes: Sequence[str]
+                      ) -> dict[str, int] | None:
+    """Class index of each predicted slide from `cfg.labels`, or None without a label file."""
+    if cfg.labels is None:
+        return None
+    from mil.data import ClassMap, join_labels, read_labels
+
+    report = join_labels(read_labels(cfg.labels), slide_ids)
+    class_map = ClassMap(classes)
+    labels = {slide_id: class_map.index(label) for slide_id, label in report.labels.items()}
+    unlabeled = [slide_id for slide_id in slide_ids if slide_id not in labels]
+    if unlabeled:
+        raise ConfigError(f"{cfg.labels} has no label for {len(unlabeled)} predicted slide(s), "
+                          f"first {unlabeled[:5]}; add them or restrict `slides`")
+    return labels

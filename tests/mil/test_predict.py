@@ -1,0 +1,140 @@
+"""Prediction from a trained run: whole bags, eval mode, ensembles, attention stores."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mil.batch import PackedBatch
+from mil.checkpoint import load_checkpoint
+from mil.kernels.segments import Segments
+from mil.predict import PredictConfig, run_prediction
+from mil.train import TrainConfig, run_training
+from preprocessing.errors import CheckpointError, ConfigError
+from preprocessing.stores import open_feature_store, read_attention_store
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_fixtures import write_labels, write_slides  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("predict")
+    labels = write_slides(root / "features", n_slides=10, max_tiles=60)
+    write_labels(root / "labels.csv", labels)
+    run_training(TrainConfig(
+        features_dir=root / "features", run_dir=root / "run", labels=root / "labels.csv",
+        folds=2, epochs=3, lr=1e-3, n_bootstrap=10, progress=False,
+        # A pack shorter than the longest slide checks that long bags are never cut.
+        packing={"pack_len": 48},
+    ))
+    return root
+
+
+def _predictions(path: Path) -> dict[str, dict[str, str]]:
+    with path.open(newline="") as handle:
+        return {row["slide_id"]: row for row in csv.DictReader(handle)}
+
+
+def _predict(root: Path, out: str, **fields: object) -> dict[str, dict[str, str]]:
+    cfg = PredictConfig(run_dir=root / "run", features_dir=root / "features",
+                        output_dir=root / out, progress=False, **fields)
+    result = run_prediction(cfg)
+    assert result.n_failed == 0
+    return _predictions(result.predictions_path)
+
+
+def test_predictions_and_attention_written(trained_run: Path) -> None:
+    rows = _predict(trained_run, "ensemble", labels=trained_run / "labels.csv", n_bootstrap=10)
+    out = trained_run / "ensemble"
+
+    assert len(rows) == 10
+    row = rows["slide-01"]
+    assert row["n_models"] == "2"
+    assert float(row["prob_normal"]) + float(row["prob_tumor"]) == pytest.approx(1.0, abs=1e-5)
+    assert row["label"] == "tumor"
+    metrics = json.loads((out / "prediction_metrics.json").read_text())
+    assert metrics["n_slides"] == 10
+
+    for slide_id in rows:
+        store = read_attention_store(out / "attention" / f"{slide_id}.h5")
+        with open_feature_store(trained_run / "features" / f"{slide_id}.h5") as features:
+            np.testing.assert_array_equal(store.coords, features.coords)
+        assert store.attention.shape == (features.n_tiles,)
+        assert store.attention.sum() == pytest.approx(1.0, abs=1e-4)
+        attrs = store.attrs
+        assert attrs["slide_id"] == slide_id
+        assert attrs["slide_path"] == f"/slides/{slide_id}.svs"
+        assert attrs["tile_px_level0"] == pytest.approx(256.0)
+        assert (attrs["level0_width"], attrs["level0_height"]) == (4096, 2048)
+        assert attrs["predicted_class"] == rows[slide_id]["predicted_class"]
+        assert attrs["probability"] == pytest.approx(float(rows[slide_id]["probability"]),
+                                                     rel=1e-4)
+        assert json.loads(attrs["classes"]) == ["normal", "tumor"]
+        assert attrs["model"] == "abmil"
+
+
+def test_single_model_equals_unpacked_forward(trained_run: Path) -> None:
+    rows = _predict(trained_run, "fold0", folds=["fold_0"], ensemble=False)
+    checkpoint = load_checkpoint(trained_run / "run" / "fold_0" / "seed_0" / "checkpoint.pt")
+    model = checkpoint.build_model()
+
+    for slide_id, row in rows.items():
+        with open_feature_store(trained_run / "features" / f"{slide_id}.h5") as store:
+            features = torch.from_numpy(store.read_features().astype(np.float32))
+        batch = PackedBatch(features=features, segments=Segments.from_lengths([len(features)]))
+        with torch.no_grad():
+            output = model(batch)
+        probs = torch.softmax(output.logits, -1)[0]
+        assert float(row["prob_tumor"]) == pytest.approx(float(probs[1]), abs=1e-5)
+        attention = read_attention_store(trained_run / "fold0" / "attention" / f"{slide_id}.h5")
+        np.testing.assert_allclose(attention.attention, output.attention.numpy(), atol=1e-6)
+
+
+def test_ensemble_averages_members(trained_run: Path) -> None:
+    both = _predict(trained_run, "both")
+    first = _predict(trained_run, "f0", folds=["fold_0"])
+    second = _predict(trained_run, "f1", folds=["fold_1"])
+    for slide_id, row in both.items():
+        mean = (float(first[slide_id]["prob_tumor"]) + float(second[slide_id]["prob_tumor"])) / 2
+        assert float(row["prob_tumor"]) == pytest.approx(mean, abs=1e-5)
+        att = [read_attention_store(trained_run / name / "attention" / f"{slide_id}.h5").attention
+               for name in ("both", "f0", "f1")]
+        np.testing.assert_allclose(att[0], (att[1] + att[2]) / 2, atol=1e-6)
+
+
+def test_prediction_is_repeatable(trained_run: Path) -> None:
+    first = _predict(trained_run, "again_a", write_attention=False)
+    second = _predict(trained_run, "again_b", write_attention=False)
+    assert first == second
+    assert not (trained_run / "again_a" / "attention").exists()
+
+
+def test_ensemble_off_with_several_models_rejected(trained_run: Path) -> None:
+    with pytest.raises(ConfigError, match="ensemble is off but 2 models match"):
+        _predict(trained_run, "x", ensemble=False)
+
+
+def test_unknown_fold_rejected(trained_run: Path) -> None:
+    with pytest.raises(CheckpointError, match="available: fold_0/seed_0, fold_1/seed_0"):
+        _predict(trained_run, "x", folds=["fold_7"])
+
+
+def test_features_of_other_dim_rejected(trained_run: Path, tmp_path: Path) -> None:
+    write_slides(tmp_path / "wide", n_slides=2, dim=12)
+    cfg = PredictConfig(run_dir=trained_run / "run", features_dir=tmp_path / "wide",
+                        output_dir=tmp_path / "out", progress=False)
+    with pytest.raises(CheckpointError, match="8-dim tile features but the features have 12"):
+        run_prediction(cfg)
+
+
+def test_missing_slide_rejected(trained_run: Path) -> None:
+    with pytest.raises(ConfigError, match="no feature store"):
+        _predict(trained_run, "x", slides=["slide-99"])
