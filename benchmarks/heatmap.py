@@ -4,7 +4,7 @@ Builds a pyramidal JPEG TIFF of 150,000 x 100,000 level-0 pixels whose tiles wit
 all the same encoded bytes, so the file is small and fast to write. The attention store has
 `--tiles` tiles of 380.8 level-0 pixels with random scores, 0.1 % of them NaN. The heatmap
 stage then runs in a child process, so its peak resident memory (ru_maxrss) excludes the
-set-up. Prints a Markdown table row and the per-phase seconds from the slide's summary.json.
+set-up. Prints a Markdown table row and the per-phase seconds from the slide's summary file.
 
     .venv/bin/python benchmarks/heatmap.py --tiles 100000 --max-size 2048 --top-k 8
 """
@@ -119,7 +119,7 @@ def main() -> None:
                 check=True, capture_output=True, text=True,
             )
             runs.append(json.loads(output.stdout.strip().splitlines()[-1]))
-        summary = json.loads((workdir / "out" / store.stem / "summary.json").read_text())
+        summary = json.loads((workdir / "out" / f"{store.stem}.summary.json").read_text())
 
     best = min(runs, key=lambda run: run["seconds"])
     peak = max(run["peak_mib"] for run in runs)

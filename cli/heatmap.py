@@ -60,8 +60,8 @@ def command(
     ],
     output_dir: Annotated[
         Path,
-        typer.Option(file_okay=False, help="Output folder: one sub-folder per slide and "
-                     "manifest.csv.", rich_help_panel=PANEL_INPUT),
+        typer.Option(file_okay=False, help="Output folder of <slide_id>.png, .geojson, "
+                     ".top_tiles.png and manifest.csv.", rich_help_panel=PANEL_INPUT),
     ],
     slides: Annotated[
         str | None,
@@ -121,7 +121,8 @@ def command(
                      rich_help_panel=PANEL_EXPORT),
     ] = 192,
     geojson: Annotated[
-        bool, typer.Option(help="Write tiles.geojson for QuPath.", rich_help_panel=PANEL_EXPORT),
+        bool,
+        typer.Option(help="Write <slide_id>.geojson for QuPath.", rich_help_panel=PANEL_EXPORT),
     ] = True,
     geojson_origin: Annotated[
         OriginChoice,

@@ -26,12 +26,12 @@ class GeoJsonOrigin(StrEnum):
 
 
 class HeatmapConfig(BaseModel):
-    """Settings of the heatmap stage; one folder per slide is written under `output_dir`.
+    """Settings of the heatmap stage; files named `<slide_id>.*` are written to `output_dir`.
 
     Attributes:
         attention_dir: folder of `<slide_id>.h5` attention stores, a single store (one-slide
             mode), or a run/predict folder that contains `attention/`.
-        output_dir: destination; `<output_dir>/<slide_id>/` and `manifest.csv`.
+        output_dir: destination of `<slide_id>.png`, `.geojson`, ... and `manifest.csv`.
         slides: folder, glob or CSV of slides that overrides each store's `slide_path`
             attribute (for slides moved since prediction). Matched by slide id.
         slide_ids: only these slides; all stores by default.

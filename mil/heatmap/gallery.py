@@ -109,7 +109,8 @@ def render_gallery(
         read_level: pyramid level the pixels are read from.
         columns: tiles per row.
         title: line of text above the grid.
-        normalized_label: short name of the normalised value printed under each tile.
+        normalized_label: short name of the normalised value printed under each tile;
+            "percentile" prints it in percent.
 
     Returns:
         RGB image.
@@ -123,6 +124,7 @@ def render_gallery(
     groups: dict[str, list[GalleryTile]] = {}
     for tile in tiles:
         groups.setdefault(tile.group, []).append(tile)
+    columns = max(1, min(columns, max((len(members) for members in groups.values()), default=1)))
 
     header = font_px + 2 * pad
     block_rows = [max(1, -(-len(members) // columns)) for members in groups.values()]
@@ -142,11 +144,12 @@ def render_gallery(
             cell_top = top + (index // columns) * cell_height
             pixels = slide.read_tile(tile.x, tile.y, tile_px_level0, read_level, tile_px)
             image.paste(Image.fromarray(np.ascontiguousarray(pixels[..., :3])), (left, cell_top))
-            lines = (
-                f"#{tile.rank}  score {tile.score:.4g}",
-                f"{normalized_label} {tile.normalized:.3f}",
-                f"x={tile.x} y={tile.y}",
-            )
+            if normalized_label == "percentile":
+                normalized_text = f"percentile {100 * tile.normalized:.1f}"
+            else:
+                normalized_text = f"{normalized_label} {tile.normalized:.3f}"
+            lines = (f"#{tile.rank}  score {tile.score:.4g}", normalized_text,
+                     f"x={tile.x} y={tile.y}")
             for line_index, line in enumerate(lines):
                 draw.text(
                     (left, cell_top + tile_px + 2 + line_index * (font_px + 2)),

@@ -31,7 +31,50 @@ from preprocessing.stores import AttentionStore
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_NAME = "summary.json"
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """Files of one slide in the stage's output folder, all named `<slide_id>.<kind>`.
+
+    Attributes:
+        folder: the stage's output folder.
+        slide_id: the slide.
+    """
+
+    folder: Path
+    slide_id: str
+
+    def _path(self, suffix: str) -> Path:
+        return self.folder / f"{self.slide_id}{suffix}"
+
+    @property
+    def overlay(self) -> Path:
+        """Slide map: `<slide_id>.png`."""
+        return self._path(".png")
+
+    def head_overlay(self, head: str) -> Path:
+        """Map of one head or branch: `<slide_id>.<head>.png`."""
+        return self._path(f".{head}.png")
+
+    @property
+    def geojson(self) -> Path:
+        """Tile polygons for QuPath: `<slide_id>.geojson`."""
+        return self._path(".geojson")
+
+    @property
+    def gallery(self) -> Path:
+        """Top-tile gallery: `<slide_id>.top_tiles.png`."""
+        return self._path(".top_tiles.png")
+
+    @property
+    def gallery_csv(self) -> Path:
+        """Top-tile table: `<slide_id>.top_tiles.csv`."""
+        return self._path(".top_tiles.csv")
+
+    @property
+    def summary(self) -> Path:
+        """Summary written last: `<slide_id>.summary.json`."""
+        return self._path(".summary.json")
 
 
 class HeatmapSlide(Protocol):
@@ -138,7 +181,7 @@ def score_maps(store: AttentionStore, keep: np.ndarray, per_head: bool) -> list[
     maps = [main]
     if per_head:
         for column, name in enumerate(names):
-            maps.append(ScoreMap(f"attention_{_file_label(name)}", f"attention, {name}",
+            maps.append(ScoreMap(_file_label(name), f"attention, {name}",
                                  attention[:, column].astype(np.float64)))
     return maps
 
@@ -269,15 +312,18 @@ def render_slide(
 ) -> dict[str, Any]:
     """Write the overlays, GeoJSON, gallery and summary of one slide into `output_dir`.
 
+    Files are named `<slide_id>.png`, `<slide_id>.<head>.png`, `<slide_id>.geojson`,
+    `<slide_id>.top_tiles.png|csv` and `<slide_id>.summary.json` (see `OutputPaths`).
+
     Args:
         store: the slide's attention [N] or [N, H] with level-0 coords [N, 2].
         slide: the open slide the attention was computed on.
-        output_dir: folder of this slide's outputs; `summary.json` is written last.
+        output_dir: the stage's output folder; the summary is written last.
         cfg: stage settings.
         slide_id: name in captions; the store's `slide_id` attribute by default.
 
     Returns:
-        The summary written to `summary.json`.
+        The summary written to `<slide_id>.summary.json`.
     """
     slide_id = slide_id or str(store.attrs.get("slide_id") or store.path.stem)
     seconds: dict[str, float] = {}
@@ -288,6 +334,7 @@ def render_slide(
     coords = store.coords[keep]
     n_tiles = int(coords.shape[0])
     output_dir.mkdir(parents=True, exist_ok=True)
+    paths = OutputPaths(output_dir, slide_id)
 
     thumbnail = np.asarray(slide.get_thumbnail(thumbnail_max_size(level0_size, cfg)))[..., :3]
     thumb_height, thumb_width = thumbnail.shape[:2]
@@ -306,9 +353,9 @@ def render_slide(
                                cfg.colormap, cfg.opacity)
         figure = render_figure(blended, norm, cfg.colormap,
                                _caption(slide_id, store, score_map, norm, n_tiles, n_dropped))
-        name = "heatmap.png" if index == 0 else f"heatmap_{score_map.name[len('attention_'):]}.png"
-        _save_png(figure, output_dir / name)
-        files[score_map.name] = name
+        path = paths.overlay if index == 0 else paths.head_overlay(score_map.name)
+        _save_png(figure, path)
+        files[score_map.name] = path.name
     del raster
     clock = _lap(seconds, "maps", clock)
 
@@ -320,11 +367,11 @@ def render_slide(
         for score_map in maps[1:]:
             measurements[score_map.title] = score_map.scores
         write_tile_geojson(
-            output_dir / "tiles.geojson", coords, tile_px_level0, measurements,
+            paths.geojson, coords, tile_px_level0, measurements,
             normalized[0].values, cfg.colormap, origin_xy=origin,
             object_type=cfg.geojson_object_type,
         )
-        files["geojson"] = "tiles.geojson"
+        files["geojson"] = paths.geojson.name
         clock = _lap(seconds, "geojson", clock)
 
     if cfg.top_k > 0:
@@ -339,10 +386,10 @@ def render_slide(
             title=f"slide {slide_id}: {cfg.top_k} highest and lowest attention tiles",
             normalized_label=cfg.normalization.value,
         )
-        _save_png(gallery, output_dir / "top_tiles.png")
-        write_gallery_csv(output_dir / "top_tiles.csv", tiles, tile_px_level0)
-        files["gallery"] = "top_tiles.png"
-        files["gallery_csv"] = "top_tiles.csv"
+        _save_png(gallery, paths.gallery)
+        write_gallery_csv(paths.gallery_csv, tiles, tile_px_level0)
+        files["gallery"] = paths.gallery.name
+        files["gallery_csv"] = paths.gallery_csv.name
         clock = _lap(seconds, "gallery", clock)
 
     summary: dict[str, Any] = {
@@ -367,13 +414,13 @@ def render_slide(
         "seconds": seconds,
         "complete": True,
     }
-    _write_json(summary, output_dir / SUMMARY_NAME)
+    _write_json(summary, paths.summary)
     return summary
 
 
-def is_complete_output(output_dir: Path) -> bool:
-    """True when `output_dir` contains a summary written by a finished `render_slide`."""
-    path = Path(output_dir) / SUMMARY_NAME
+def is_complete_output(output_dir: Path, slide_id: str) -> bool:
+    """True when `output_dir` contains the summary of a finished `render_slide` of the slide."""
+    path = OutputPaths(Path(output_dir), slide_id).summary
     try:
         return bool(json.loads(path.read_text(encoding="utf-8")).get("complete"))
     except (OSError, ValueError):

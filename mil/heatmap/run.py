@@ -1,12 +1,12 @@
 """The heatmap stage over many slides: `run_heatmaps(cfg)`.
 
-Outputs per slide, in `<output_dir>/<slide_id>/`:
+Outputs per slide, in `<output_dir>/`:
 
-    heatmap.png              slide map over the thumbnail, colour bar, caption
-    heatmap_<head>.png       one map per head or branch of [N, H] attention (per_head)
-    tiles.geojson            tile polygons with scores as QuPath measurements
-    top_tiles.png / .csv     gallery and table of the top_k highest and lowest tiles
-    summary.json             written last; its presence marks the slide as done
+    <slide_id>.png                 slide map over the thumbnail, colour bar, caption
+    <slide_id>.<head>.png          one map per head or branch of [N, H] attention (per_head)
+    <slide_id>.geojson             tile polygons with scores as QuPath measurements
+    <slide_id>.top_tiles.png|csv   gallery and table of the top_k highest and lowest tiles
+    <slide_id>.summary.json        written last; its presence marks the slide as done
 
 plus `<output_dir>/manifest.csv` with one row per slide.
 """
@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from mil.heatmap.config import HeatmapConfig
-from mil.heatmap.render import SUMMARY_NAME, is_complete_output, render_slide
+from mil.heatmap.render import OutputPaths, is_complete_output, render_slide
 from preprocessing.errors import ConfigError, SlideOpenError, StoreFormatError
 from preprocessing.inputs import SlideInput, list_slides
 from preprocessing.jobs import SlideOutcome, StageResult, run_slides
@@ -76,12 +76,13 @@ def _job_list(
     ]
 
 
-def _output_is_current(output_dir: Path, store_path: Path) -> bool:
-    """Complete outputs that are newer than the attention store they were made from."""
-    if not is_complete_output(output_dir):
+def _output_is_current(output_dir: Path, job: SlideInput) -> bool:
+    """True for complete outputs that are newer than the attention store they were made from."""
+    if not is_complete_output(output_dir, job.slide_id):
         return False
+    summary = OutputPaths(output_dir, job.slide_id).summary
     try:
-        return (output_dir / SUMMARY_NAME).stat().st_mtime >= store_path.stat().st_mtime
+        return summary.stat().st_mtime >= job.path.stat().st_mtime
     except FileNotFoundError:
         return False
 
@@ -114,8 +115,7 @@ def render_one(cfg: HeatmapConfig, job: SlideInput, slide_path: Path | None) -> 
             "--slides (folder, glob or CSV)."
         )
     with open_slide(slide_path, slide_id=job.slide_id) as slide:
-        summary = render_slide(store, slide, Path(cfg.output_dir) / job.slide_id, cfg,
-                               slide_id=job.slide_id)
+        summary = render_slide(store, slide, Path(cfg.output_dir), cfg, slide_id=job.slide_id)
     dropped = summary["n_dropped_nan"]
     message = f"{dropped} tiles with NaN or infinite attention dropped" if dropped else ""
     return SlideOutcome(status="ok", n_tiles=summary["n_tiles"], message=message)
@@ -145,7 +145,7 @@ def run_heatmaps(cfg: HeatmapConfig) -> StageResult:
         return render_one(cfg, job, overrides.get(job.slide_id))
 
     def is_done(job: SlideInput) -> bool:
-        return not cfg.overwrite and _output_is_current(output_dir / job.slide_id, job.path)
+        return not cfg.overwrite and _output_is_current(output_dir, job)
 
     return run_slides(
         jobs, process, stage=STAGE, output_dir=output_dir, is_done=is_done,

@@ -41,7 +41,7 @@ def test_command_renders_and_exits_zero(tmp_path: Path,
         "--colormap", "jet", "--geojson-origin", "level0",
     ])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "out" / "slide-a" / "heatmap.png").exists()
+    assert (tmp_path / "out" / "slide-a.png").exists()
     assert (tmp_path / "out" / "manifest.csv").exists()
 
 

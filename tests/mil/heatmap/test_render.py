@@ -53,7 +53,7 @@ def test_hot_spot_aligned_at_four_corners(synthetic_case: SyntheticCase, tmp_pat
     assert max(width, height) == 250
     assert LEVEL0[0] / width != int(LEVEL0[0] / width)
 
-    figure = np.asarray(Image.open(tmp_path / "heatmap.png").convert("RGB"))
+    figure = np.asarray(Image.open(tmp_path / "synthetic.png").convert("RGB"))
     map_rgb = figure[:height, :width]
     n_tiles = len(synthetic_case.coords)
     cold_percentile = (n_tiles - 2) / 2 / (n_tiles - 1)
@@ -78,7 +78,7 @@ def test_hot_spot_aligned_at_four_corners(synthetic_case: SyntheticCase, tmp_pat
 def test_hot_spot_lies_on_slide_mark(synthetic_case: SyntheticCase, tmp_path: Path) -> None:
     summary = _render(synthetic_case, tmp_path, opacity=0.0, top_k=0)
     width, height = summary["thumbnail_size"]
-    figure = np.asarray(Image.open(tmp_path / "heatmap.png").convert("RGB"))
+    figure = np.asarray(Image.open(tmp_path / "synthetic.png").convert("RGB"))
     dark = figure[:height, :width].astype(int).sum(axis=-1) < 400
     rows, cols = np.nonzero(dark)
     scale_x, scale_y = summary["scale_xy"]
@@ -91,7 +91,7 @@ def test_hot_spot_lies_on_slide_mark(synthetic_case: SyntheticCase, tmp_path: Pa
 def test_outside_tissue_keeps_thumbnail(synthetic_case: SyntheticCase, tmp_path: Path) -> None:
     summary = _render(synthetic_case, tmp_path, opacity=1.0, top_k=0)
     width, height = summary["thumbnail_size"]
-    figure = np.asarray(Image.open(tmp_path / "heatmap.png").convert("RGB"))
+    figure = np.asarray(Image.open(tmp_path / "synthetic.png").convert("RGB"))
     # The grid of 150.4 px tiles ends at y = 1950.4, leaving a strip without tiles at the bottom.
     last_y = synthetic_case.coords[:, 1].max() + TILE_PX_LEVEL0
     first_free_row = int(np.ceil(last_y * summary["scale_xy"][1])) + 1
@@ -108,7 +108,7 @@ def test_outside_tissue_keeps_thumbnail(synthetic_case: SyntheticCase, tmp_path:
 def test_geojson_hottest_tile_covers_region(synthetic_case: SyntheticCase,
                                             tmp_path: Path) -> None:
     _render(synthetic_case, tmp_path, top_k=0)
-    features = json.loads((tmp_path / "tiles.geojson").read_text())["features"]
+    features = json.loads((tmp_path / "synthetic.geojson").read_text())["features"]
     assert len(features) == len(synthetic_case.coords)
     hottest = max(features, key=lambda f: f["properties"]["measurements"]["attention"])
     polygon = shape(hottest["geometry"])
@@ -120,17 +120,17 @@ def test_geojson_hottest_tile_covers_region(synthetic_case: SyntheticCase,
 
 def test_gallery_lists_hot_tile_first(synthetic_case: SyntheticCase, tmp_path: Path) -> None:
     summary = _render(synthetic_case, tmp_path, top_k=3, gallery_tile_px=64)
-    with open(tmp_path / "top_tiles.csv", newline="") as handle:
+    with open(tmp_path / "synthetic.top_tiles.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["group"] for row in rows] == ["highest"] * 3 + ["lowest"] * 3
     first = rows[0]
     assert (int(first["x"]), int(first["y"])) == HOT_TILE
     assert int(first["row"]) == synthetic_case.hot_row
-    gallery = np.asarray(Image.open(tmp_path / "top_tiles.png").convert("RGB"))
+    gallery = np.asarray(Image.open(tmp_path / "synthetic.top_tiles.png").convert("RGB"))
     # The first tile of the highest group is the dark mark, read from the slide.
     is_mark = np.all(np.abs(gallery.astype(int) - MARK_RGB) < 12, axis=-1)
     assert is_mark.sum() > 0.8 * 64 * 64
-    assert summary["files"]["gallery"] == "top_tiles.png"
+    assert summary["files"]["gallery"] == "synthetic.top_tiles.png"
 
 
 def test_caption_and_summary(synthetic_case: SyntheticCase, tmp_path: Path) -> None:
@@ -138,9 +138,9 @@ def test_caption_and_summary(synthetic_case: SyntheticCase, tmp_path: Path) -> N
     assert summary["predicted_class"] == "tumour"
     assert summary["probability"] == pytest.approx(0.875)
     assert summary["normalization"] == "percentile"
-    saved = json.loads((tmp_path / "summary.json").read_text())
+    saved = json.loads((tmp_path / "synthetic.summary.json").read_text())
     assert saved["complete"] is True
-    figure = Image.open(tmp_path / "heatmap.png")
+    figure = Image.open(tmp_path / "synthetic.png")
     width, height = summary["thumbnail_size"]
     assert figure.width > width
     assert figure.height > height
@@ -153,7 +153,7 @@ def test_nan_scores_dropped_and_counted(synthetic_case: SyntheticCase, tmp_path:
     summary = _render(synthetic_case, tmp_path, store=store, top_k=0)
     assert summary["n_dropped_nan"] == 4
     assert summary["n_tiles"] == len(synthetic_case.coords) - 4
-    features = json.loads((tmp_path / "tiles.geojson").read_text())["features"]
+    features = json.loads((tmp_path / "synthetic.geojson").read_text())["features"]
     assert len(features) == len(synthetic_case.coords) - 4
 
 
@@ -163,7 +163,7 @@ def test_length_mismatch_names_both(synthetic_case: SyntheticCase, tmp_path: Pat
     n = len(synthetic_case.coords)
     with pytest.raises(StoreFormatError, match=f"{n - 3} rows but coords has {n}"):
         _render(synthetic_case, tmp_path, store=store)
-    assert not (tmp_path / "summary.json").exists()
+    assert not (tmp_path / "synthetic.summary.json").exists()
 
 
 def test_all_nan_rejected(synthetic_case: SyntheticCase, tmp_path: Path) -> None:
@@ -187,9 +187,9 @@ def test_per_head_maps(synthetic_case: SyntheticCase, tmp_path: Path) -> None:
     store.attention = np.stack([store.attention, second], axis=1)
     summary = _render(synthetic_case, tmp_path, store=store, top_k=0)
     assert summary["n_heads"] == 2
-    assert (tmp_path / "heatmap_branch_0.png").exists()
-    assert (tmp_path / "heatmap_branch_1.png").exists()
-    measurements = json.loads((tmp_path / "tiles.geojson").read_text())["features"][0][
+    assert (tmp_path / "synthetic.branch_0.png").exists()
+    assert (tmp_path / "synthetic.branch_1.png").exists()
+    measurements = json.loads((tmp_path / "synthetic.geojson").read_text())["features"][0][
         "properties"]["measurements"]
     assert measurements["attention, branch 1"] == 1.0
     assert measurements["attention"] == pytest.approx(0.5)
@@ -204,7 +204,7 @@ def test_per_class_heads_use_predicted_class(synthetic_case: SyntheticCase,
     store.attrs["attention_per_class"] = True
     summary = _render(synthetic_case, tmp_path, store=store, top_k=1, per_head=False)
     assert summary["maps"] == ["attention of predicted class tumour"]
-    with open(tmp_path / "top_tiles.csv", newline="") as handle:
+    with open(tmp_path / "synthetic.top_tiles.csv", newline="") as handle:
         first = next(csv.DictReader(handle))
     assert int(first["row"]) == synthetic_case.hot_row
 
@@ -231,7 +231,7 @@ def test_geojson_bounds_origin(synthetic_case: SyntheticCase, tmp_path: Path, or
     with open_slide(synthetic_case.slide_path) as slide:
         summary = render_slide(store, _OffsetSlide(slide, (120, 45)), tmp_path, cfg)
     assert summary["geojson_origin"] == list(expected)
-    features = json.loads((tmp_path / "tiles.geojson").read_text())["features"]
+    features = json.loads((tmp_path / "synthetic.geojson").read_text())["features"]
     hottest = max(features, key=lambda f: f["properties"]["measurements"]["attention"])
     shifted = (HOT_BOX[0] - expected[0], HOT_BOX[1] - expected[1],
                HOT_BOX[2] - expected[0], HOT_BOX[3] - expected[1])

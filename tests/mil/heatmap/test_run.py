@@ -44,10 +44,9 @@ def test_batch_writes_outputs_and_manifest(
     assert rows["slide-c"]["status"] == "failed"
     assert rows["slide-c"]["error_type"] == "unreadable"
     assert "slide-c.tif" in rows["slide-c"]["message"]
-    for name in ("heatmap.png", "tiles.geojson", "top_tiles.png", "top_tiles.csv",
-                 "summary.json"):
-        assert (tmp_path / "out" / "slide.b.v2" / name).exists()
-    assert not (tmp_path / "out" / "slide-c" / "summary.json").exists()
+    for suffix in (".png", ".geojson", ".top_tiles.png", ".top_tiles.csv", ".summary.json"):
+        assert (tmp_path / "out" / f"slide.b.v2{suffix}").exists()
+    assert not (tmp_path / "out" / "slide-c.summary.json").exists()
 
 
 def test_rerun_skips_complete_slides(tmp_path: Path,
@@ -87,7 +86,7 @@ def test_single_store_and_slide_override(tmp_path: Path,
     assert failed.n_failed == 1
     result = run_heatmaps(_config(case.store_path, tmp_path / "out", slides=str(moved)))
     assert result.n_ok == 1
-    assert (tmp_path / "out" / "slide-a" / "summary.json").exists()
+    assert (tmp_path / "out" / "slide-a.summary.json").exists()
 
 
 def test_run_folder_with_attention_subfolder(
@@ -127,5 +126,5 @@ def test_shard_selects_part(tmp_path: Path, make_case: Callable[..., SyntheticCa
     make_case(attention, "slide-b")
     result = run_heatmaps(_config(attention, tmp_path / "out", shard="1/2"))
     assert result.n_ok == 1
-    assert (tmp_path / "out" / "slide-b" / "summary.json").exists()
-    assert not (tmp_path / "out" / "slide-a").exists()
+    assert (tmp_path / "out" / "slide-b.summary.json").exists()
+    assert not (tmp_path / "out" / "slide-a.png").exists()
