@@ -1,5 +1,9 @@
 """PackMIL packing: many bags per fixed-length pack, built in DataLoader workers.
 
+PackMIL is described in Tang, Fang, Wu, Li and Cheng, "Revisiting Data Challenges of
+Computational Pathology: A Pack-based Multiple Instance Learning Framework" (arXiv 2509.20923,
+2025). This module implements its packing and hyperslides, not its attention downsampler.
+
 Training (PackMIL): every epoch each bag's tiles are put in a seeded random order. The first
 `main_fraction` of that order, capped at `max_tiles_per_bag`, is the bag's main part. The rest
 is its residual part, capped so that `slides_per_hyperslide` residual parts fit one bag. Main

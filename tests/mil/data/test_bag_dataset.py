@@ -38,9 +38,15 @@ def test_reads_bag_from_store(make_store: StoreFactory, tmp_path: Path, fmt: str
     np.testing.assert_array_equal(bag.tile_index.numpy(), np.arange(25))
 
 
-@pytest.mark.parametrize("n_rows", [3, 40])
-def test_read_rows_in_given_order(make_store: StoreFactory, tmp_path: Path, n_rows: int) -> None:
-    make_store("a", 200)
+@pytest.mark.parametrize("fmt", ["h5", "zarr"])
+@pytest.mark.parametrize("point_read_cost", [1, 1 << 20], ids=["selection", "full-read"])
+def test_read_rows_in_given_order(
+    make_store: StoreFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str,
+    point_read_cost: int,
+) -> None:
+    monkeypatch.setattr("mil.data.dataset.POINT_READ_COST_BYTES", point_read_cost)
+    n_rows = 40
+    make_store("a", 200, fmt=fmt)
     dataset = BagDataset(tmp_path / "features")
     rows = np.random.default_rng(0).choice(200, n_rows, replace=False)
 
@@ -81,6 +87,24 @@ def test_nan_rejected_naming_slide_and_row(tmp_path: Path) -> None:
         dataset[0]
     with pytest.raises(StoreFormatError, match="row 5"):
         dataset.read_arrays(0, np.array([1, 5]))
+
+
+def test_nan_in_selected_rows_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mil.data.dataset.POINT_READ_COST_BYTES", 1)
+    folder = tmp_path / "features"
+    folder.mkdir()
+    features = np.ones((8, 4), dtype=np.float32)
+    features[6, 0] = np.inf
+    with h5py.File(folder / "s.h5", "w") as handle:
+        handle.create_dataset("features", data=features)
+        handle.create_dataset("coords", data=grid_coords(8))
+        handle.attrs["backbone"] = "test"
+        handle.attrs["complete"] = True
+    dataset = BagDataset(folder)
+
+    assert dataset.read_arrays(0, np.array([0, 2]))[0].shape == (2, 4)
+    with pytest.raises(StoreFormatError, match="first at row 6"):
+        dataset.read_arrays(0, np.array([2, 6, 7]))
 
 
 def test_cache_keeps_features(make_store: StoreFactory, tmp_path: Path) -> None:
