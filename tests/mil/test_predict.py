@@ -138,3 +138,35 @@ def test_features_of_other_dim_rejected(trained_run: Path, tmp_path: Path) -> No
 def test_missing_slide_rejected(trained_run: Path) -> None:
     with pytest.raises(ConfigError, match="no feature store"):
         _predict(trained_run, "x", slides=["slide-99"])
+
+
+def test_cli_predict_one_fold(trained_run: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    out = trained_run / "cli"
+    result = CliRunner().invoke(app, [
+        "predict", "--run-dir", str(trained_run / "run"), "--features-dir",
+        str(trained_run / "features"), "-o", str(out), "--fold", "fold_1", "--no-ensemble",
+        "--slide", "slide-03", "--no-progress",
+    ])
+    assert result.exit_code == 0, result.output
+    rows = _predictions(out / "predictions.csv")
+    assert list(rows) == ["slide-03"]
+    assert rows["slide-03"]["n_models"] == "1"
+    assert (out / "attention" / "slide-03.h5").is_file()
+
+
+def test_cli_predict_rejects_bad_selection(trained_run: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, [
+        "predict", "--run-dir", str(trained_run / "run"), "--features-dir",
+        str(trained_run / "features"), "-o", str(trained_run / "bad"), "--no-ensemble",
+        "--no-progress",
+    ])
+    assert result.exit_code == 1
+    assert "ensemble is off" in " ".join(result.output.split())

@@ -268,3 +268,42 @@ def test_early_stopping_counts_patience() -> None:
     assert not stopper.update(3, math.nan)
     assert stopper.should_stop(3)
     assert stopper.best_epoch == 1
+
+
+def test_cli_train_with_config_and_overrides(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    labels = write_slides(tmp_path / "features", n_slides=8)
+    write_labels(tmp_path / "labels.csv", labels)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "features_dir": str(tmp_path / "features"), "run_dir": str(tmp_path / "run"),
+        "labels": str(tmp_path / "labels.csv"), "epochs": 5, "n_bootstrap": 5,
+        "packing": {"pack_len": 64},
+    }))
+    result = CliRunner().invoke(app, [
+        "train", "--config", str(config), "--epochs", "1", "--folds", "2", "--no-progress",
+        "--model-option", "embed_dim=16", "--main-fraction", "1.0",
+    ])
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["epochs"] == 1
+    assert saved["model_options"]["embed_dim"] == 16
+    assert saved["packing"] == {**saved["packing"], "pack_len": 64, "main_fraction": 1.0}
+
+
+def test_cli_train_reports_bad_labels(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    write_slides(tmp_path / "features", n_slides=4)
+    (tmp_path / "labels.csv").write_text("slide,diagnosis\nslide-00,a\n")
+    result = CliRunner().invoke(app, [
+        "train", "--features-dir", str(tmp_path / "features"), "--run-dir",
+        str(tmp_path / "run"), "--labels", str(tmp_path / "labels.csv"), "--no-progress",
+    ])
+    assert result.exit_code == 1
+    assert "has no label column" in " ".join(result.output.split())

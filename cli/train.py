@@ -1,0 +1,277 @@
+"""`slidemil train`: train a MIL model on feature stores; options override the YAML config."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cli.logs import console
+
+_INPUT = "Input and output"
+_MODEL = "Model"
+_SPLIT = "Splits and seeds"
+_OPTIM = "Optimisation"
+_PACK = "Packing"
+_SELECT = "Model selection"
+_COMPUTE = "Compute"
+
+
+class SplitChoice(StrEnum):
+    """How slides are split into train, validation and test."""
+
+    auto = "auto"
+    column = "column"
+    kfold = "kfold"
+    holdout = "holdout"
+    files = "files"
+
+
+class BalanceChoice(StrEnum):
+    """How class imbalance is handled."""
+
+    class_weights = "class_weights"
+    sampler = "sampler"
+    none = "none"
+
+
+class MonitorChoice(StrEnum):
+    """Validation metric for early stopping and the best checkpoint."""
+
+    loss = "loss"
+    accuracy = "accuracy"
+    balanced_accuracy = "balanced_accuracy"
+    auroc = "auroc"
+    f1_macro = "f1_macro"
+    qwk = "qwk"
+
+
+class ThresholdChoiceOption(StrEnum):
+    """Binary decision threshold."""
+
+    fixed = "fixed"
+    youden = "youden"
+
+
+def _parse_model_options(items: list[str] | None) -> dict[str, Any]:
+    """Turn KEY=VALUE strings into a dict, reading each value as YAML (numbers, booleans)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, separator, value = item.partition("=")
+        if not separator or not key.strip():
+            raise typer.BadParameter(f"--model-option {item!r} must look like KEY=VALUE")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def command(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", exists=True, dir_okay=False, readable=True,
+            help="YAML with the training fields (flat, or a pipeline file's `train:` section). "
+            "Options given on the command line override it.",
+            rich_help_panel=_INPUT,
+        ),
+    ] = None,
+    features_dir: Annotated[
+        Path | None,
+        typer.Option(exists=True, file_okay=False,
+                     help="Folder of <slide_id>.h5|.zarr feature stores.",
+                     rich_help_panel=_INPUT),
+    ] = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(file_okay=False, help="Run directory to write (checkpoints, metrics, logs).",
+                     rich_help_panel=_INPUT),
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False,
+                     help="Label CSV with slide_id and label, optional case_id and split.",
+                     rich_help_panel=_INPUT),
+    ] = None,
+    slide_column: Annotated[
+        str | None,
+        typer.Option(help="Slide id column of the label CSV; default slide_id, slide, ...",
+                     rich_help_panel=_INPUT),
+    ] = None,
+    label_column: Annotated[
+        str | None,
+        typer.Option(help="Label column of the label CSV; default label, target or class.",
+                     rich_help_panel=_INPUT),
+    ] = None,
+    overwrite: Annotated[
+        bool | None,
+        typer.Option(help="Replace a run directory that holds another run.",
+                     rich_help_panel=_INPUT),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Registered model name (abmil, acmil, ...) or a model preset YAML.",
+                     rich_help_panel=_MODEL),
+    ] = None,
+    model_option: Annotated[
+        list[str] | None,
+        typer.Option(help="Model constructor option KEY=VALUE overriding the preset; repeatable.",
+                     rich_help_panel=_MODEL),
+    ] = None,
+    ordinal: Annotated[
+        bool | None,
+        typer.Option(help="Classes are ordered grades; reports quadratic weighted kappa.",
+                     rich_help_panel=_MODEL),
+    ] = None,
+    split: Annotated[
+        SplitChoice | None,
+        typer.Option(help="auto: the label CSV's split column if present, else k-fold.",
+                     rich_help_panel=_SPLIT),
+    ] = None,
+    folds: Annotated[
+        int | None, typer.Option(min=2, help="Folds of patient-level stratified k-fold.",
+                                 rich_help_panel=_SPLIT)
+    ] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option(help="Share of patients in validation (holdout split).",
+                                   rich_help_panel=_SPLIT)
+    ] = None,
+    test_fraction: Annotated[
+        float | None, typer.Option(help="Share of patients held out as a test set.",
+                                   rich_help_panel=_SPLIT)
+    ] = None,
+    splits_dir: Annotated[
+        Path | None, typer.Option(exists=True, file_okay=False,
+                                  help="Folder of split CSVs (slide_id, split) for --split files.",
+                                  rich_help_panel=_SPLIT)
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the first model.",
+                                             rich_help_panel=_SPLIT)] = None,
+    n_seeds: Annotated[
+        int | None, typer.Option(min=1, help="Models per split, with seeds seed, seed+1, ...",
+                                 rich_help_panel=_SPLIT)
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Maximum epochs.",
+                                               rich_help_panel=_OPTIM)] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate of AdamW.",
+                                             rich_help_panel=_OPTIM)] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay.",
+                                                       rich_help_panel=_OPTIM)] = None,
+    warmup_epochs: Annotated[
+        float | None, typer.Option(help="Linear warm-up length in epochs.",
+                                   rich_help_panel=_OPTIM)
+    ] = None,
+    grad_clip: Annotated[
+        float | None, typer.Option(help="Maximum gradient norm; 0 disables clipping.",
+                                   rich_help_panel=_OPTIM)
+    ] = None,
+    packs_per_step: Annotated[
+        int | None, typer.Option(min=1, help="Packs accumulated per optimizer step.",
+                                 rich_help_panel=_OPTIM)
+    ] = None,
+    balance: Annotated[
+        BalanceChoice | None,
+        typer.Option(help="Inverse-frequency class weights, a balanced sampler, or none.",
+                     rich_help_panel=_OPTIM),
+    ] = None,
+    amp: Annotated[bool | None, typer.Option(help="bf16 autocast on CUDA.",
+                                             rich_help_panel=_OPTIM)] = None,
+    pack_len: Annotated[
+        int | None, typer.Option(min=1, help="Tiles per pack, padding included.",
+                                 rich_help_panel=_PACK)
+    ] = None,
+    main_fraction: Annotated[
+        float | None, typer.Option(help="Share of each shuffled bag in its main part; 1.0 turns "
+                                   "hyperslides off.", rich_help_panel=_PACK)
+    ] = None,
+    max_tiles_per_bag: Annotated[
+        int | None, typer.Option(min=1, help="Cap on tiles of a main part or hyperslide.",
+                                 rich_help_panel=_PACK)
+    ] = None,
+    residual_loss_weight: Annotated[
+        float | None, typer.Option(help="Weight of the hyperslide loss term.",
+                                   rich_help_panel=_PACK)
+    ] = None,
+    monitor: Annotated[
+        MonitorChoice | None,
+        typer.Option(help="Validation metric for early stopping and the best checkpoint.",
+                     rich_help_panel=_SELECT),
+    ] = None,
+    patience: Annotated[
+        int | None, typer.Option(min=1, help="Epochs without improvement before stopping.",
+                                 rich_help_panel=_SELECT)
+    ] = None,
+    threshold: Annotated[
+        ThresholdChoiceOption | None,
+        typer.Option(help="Binary decision threshold: 0.5 (fixed) or Youden's J on validation.",
+                     rich_help_panel=_SELECT),
+    ] = None,
+    n_bootstrap: Annotated[
+        int | None, typer.Option(min=0, help="Bootstrap resamples for 95% CIs.",
+                                 rich_help_panel=_SELECT)
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda or cuda:<index>.",
+                                 rich_help_panel=_COMPUTE)
+    ] = None,
+    num_workers: Annotated[
+        int | None, typer.Option(min=0, help="Processes reading packs from the stores.",
+                                 rich_help_panel=_COMPUTE)
+    ] = None,
+    deterministic: Annotated[
+        bool | None, typer.Option(help="Deterministic torch kernels (slower on GPU).",
+                                  rich_help_panel=_COMPUTE)
+    ] = None,
+    progress: Annotated[
+        bool | None, typer.Option(help="Show a progress bar.", rich_help_panel=_COMPUTE)
+    ] = None,
+) -> None:
+    """Train one model per fold and seed; under `torchrun --no-python slidemil train` with DDP."""
+    from pydantic import ValidationError
+
+    from mil.train import TrainConfig, load_train_config, run_training
+    from preprocessing.errors import SlidemilError
+
+    fields: dict[str, Any] = {
+        "features_dir": features_dir, "run_dir": run_dir, "labels": labels,
+        "slide_column": slide_column, "label_column": label_column, "overwrite": overwrite,
+        "model": model, "ordinal": ordinal,
+        "split": split.value if split else None, "folds": folds, "val_fraction": val_fraction,
+        "test_fraction": test_fraction, "splits_dir": splits_dir, "seed": seed,
+        "n_seeds": n_seeds, "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
+        "warmup_epochs": warmup_epochs, "packs_per_step": packs_per_step,
+        "balance": balance.value if balance else None, "amp": amp,
+        "monitor": monitor.value if monitor else None, "patience": patience,
+        "threshold": threshold.value if threshold else None, "n_bootstrap": n_bootstrap,
+        "device": device, "num_workers": num_workers, "deterministic": deterministic,
+        "progress": progress,
+    }
+    overrides = {key: value for key, value in fields.items() if value is not None}
+    if grad_clip is not None:
+        overrides["grad_clip"] = grad_clip if grad_clip > 0 else None
+    packing = {"pack_len": pack_len, "main_fraction": main_fraction,
+               "max_tiles_per_bag": max_tiles_per_bag,
+               "residual_loss_weight": residual_loss_weight}
+    packing = {key: value for key, value in packing.items() if value is not None}
+    if packing:
+        overrides["packing"] = packing
+    options = _parse_model_options(model_option)
+    if options:
+        overrides["model_options"] = options
+
+    try:
+        cfg = (load_train_config(config, overrides) if config is not None
+               else TrainConfig.model_validate(overrides))
+        result = run_training(cfg)
+    except ValidationError as err:
+        console.print(f"[red]error:[/red] invalid train options:\n{err}")
+        raise typer.Exit(code=2) from err
+    except SlidemilError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(code=1) from err
+
+    if result.reused:
+        console.print(f"train: reused the finished run in {result.run_dir}")
+    console.print(f"train: {result}")
