@@ -43,6 +43,8 @@ def blend_scores(
             f"thumbnail {thumbnail.shape[:2]}, scores {scores.shape} and coverage "
             f"{coverage.shape} must have one size"
         )
+    # NOTE: coverage sums overlapping tiles, so an edge pixel half covered by two overlapping
+    # tiles counts as fully covered and is drawn at full opacity.
     alpha = np.clip(coverage, 0.0, 1.0).astype(np.float32)
     alpha *= float(opacity)
     # thumbnail + alpha * (colour - thumbnail), in place to keep one float plane per channel.

@@ -167,6 +167,8 @@ def score_maps(store: AttentionStore, keep: np.ndarray, per_head: bool) -> list[
     else the mean over heads.
     """
     attention = store.attention[keep]
+    if attention.ndim == 2 and attention.shape[1] == 1:
+        attention = attention[:, 0]
     if attention.ndim == 1:
         return [ScoreMap("attention", "attention", attention.astype(np.float64))]
     names, per_class = head_names(store.attrs, attention.shape[1])

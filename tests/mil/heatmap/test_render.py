@@ -238,3 +238,12 @@ def test_geojson_bounds_origin(synthetic_case: SyntheticCase, tmp_path: Path, or
     assert shape(hottest["geometry"]).covers(box(*shifted))
     x0, y0 = hottest["geometry"]["coordinates"][0][0]
     assert (x0, y0) == (HOT_TILE[0] - expected[0], HOT_TILE[1] - expected[1])
+
+
+def test_single_column_attention_is_one_map(synthetic_case: SyntheticCase,
+                                            tmp_path: Path) -> None:
+    store = read_attention_store(synthetic_case.store_path)
+    store.attention = store.attention[:, None]
+    summary = _render(synthetic_case, tmp_path, store=store, top_k=0)
+    assert summary["maps"] == ["attention"]
+    assert sorted(path.name for path in tmp_path.glob("*.png")) == ["synthetic.png"]
