@@ -10,6 +10,7 @@ run as `classes.json`, so training, prediction and heatmaps agree on the order o
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -204,7 +205,7 @@ def read_labels(
         dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(lines[0], delimiters=",;\t")
     except csv.Error:
         dialect = csv.excel
-    reader = csv.reader(lines, dialect)
+    reader = csv.reader(io.StringIO(text, newline=""), dialect)
     header = [cell.strip() for cell in next(reader)]
 
     slide_index = _find_column(header, slide_column, "slide_id", path)
@@ -215,7 +216,9 @@ def read_labels(
     extra_indices = [i for i in range(len(header)) if i not in used]
 
     rows: list[LabelRow] = []
-    for line_number, cells in enumerate(reader, start=2):
+    for cells in reader:
+        # The line where the row ends; a quoted cell may span several lines.
+        line_number = reader.line_num
         if not any(cell.strip() for cell in cells):
             continue
         cells = cells + [""] * (len(header) - len(cells))
