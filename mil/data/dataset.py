@@ -36,8 +36,8 @@ FEATURE_STORE_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5", ".zarr", ".pt")
 #: Estimated cost of reading one row through an HDF5 point selection, in bytes of a contiguous
 #: read that take as long. A subset of rows is read by selection only when it is cheaper than
 #: reading the whole store and indexing in memory.
-# NOTE: estimate from h5py 3.16 on a local disk with a warm page cache (about 80 µs per selected
-# row against 0.9 GB/s for a full read); other file systems move the break-even point.
+# NOTE: estimated with h5py 3.16 on a local disk with a warm page cache, where a selected row
+# took about 80 µs and a full read ran at 0.9 GB/s. Other file systems move the break-even point.
 POINT_READ_COST_BYTES = 65536
 
 

@@ -9,8 +9,8 @@ Training (PackMIL): every epoch each bag's tiles are put in a seeded random orde
 is its residual part, capped so that `slides_per_hyperslide` residual parts fit one bag. Main
 parts are packed into packs of `pack_len` rows with first-fit-decreasing. Residual parts of several
 slides are concatenated into hyperslides whose soft label mixes the member labels by tile
-count; they are packed with the main parts and flagged `is_residual` so the loss can weight
-them by `residual_loss_weight`. Tiles beyond the caps are left out for that epoch only.
+count. Hyperslides are packed with the main parts and flagged `is_residual`, so the loss can
+weight them by `residual_loss_weight`. Tiles beyond the caps are left out for that epoch only.
 
 Inference never drops a tile: bags up to `pack_len` rows are packed whole with
 first-fit-decreasing, and a longer bag gets a pack of its own, exactly as long as the bag, so
