@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from preprocessing.errors import ConfigError
+from preprocessing.inputs import SLIDE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
-#: File extensions that a slide id written in a label CSV may carry by mistake. The slide id of
-#: a file is its name without one final extension of this list (`a.b.svs` has the id `a.b`).
+#: File extensions that a slide id written in a label CSV may carry by mistake: the slide
+#: formats slidemil reads and the feature file suffixes. The slide id of a file is its name
+#: without one final extension of this list (`a.b.svs` has the id `a.b`).
 SLIDE_ID_EXTENSIONS: tuple[str, ...] = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
-    ".czi", ".dcm", ".isyntax", ".qptiff", ".jpg", ".png",
-    ".h5", ".hdf5", ".zarr", ".pt",
+    *sorted(SLIDE_EXTENSIONS), ".czi", ".isyntax", ".h5", ".hdf5", ".zarr", ".pt",
 )
 
 #: Cell values read as a missing label.
