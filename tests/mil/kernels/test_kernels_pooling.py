@@ -6,6 +6,7 @@ from kernel_packs import bag_slices, fill_padding, make_segments, permute_pack
 
 from mil.kernels import (
     Segments,
+    pooling,
     segment_attention_pool,
     segment_reduce,
     segment_softmax,
@@ -13,6 +14,14 @@ from mil.kernels import (
 )
 
 PACKS = ["mixed", "uneven", "single", "ones"]
+
+
+@pytest.fixture(autouse=True, params=["dense", "index_add"])
+def sum_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run every test on both forms of the weighted sum (dense product and index_add_)."""
+    if request.param == "index_add":
+        monkeypatch.setattr(pooling, "DENSE_COLUMNS_MAX", 0)
+    return str(request.param)
 
 
 def dense_pool(values: torch.Tensor, scores: torch.Tensor, segments: Segments) -> torch.Tensor:
@@ -265,3 +274,40 @@ def test_topk_mask_rejects_bad_fraction() -> None:
     segments = Segments.from_lengths([4])
     with pytest.raises(ValueError, match="mask_fraction"):
         segment_topk_mask(torch.zeros(4, 1), segments, 2, 1.5)
+
+
+def test_many_bags_match_per_bag() -> None:
+    lengths = [
+        int(n) for n in torch.randint(0, 40, (150,), generator=torch.Generator().manual_seed(5))
+    ]
+    segments = Segments.from_lengths(lengths, total=sum(lengths) + 9)
+    values = torch.randn(segments.total, 4, dtype=torch.float64, requires_grad=True)
+    scores = torch.randn(segments.total, 2, dtype=torch.float64, requires_grad=True)
+
+    pooled, _ = segment_attention_pool(values, scores, segments)
+    means = segment_reduce(values, segments, reduce="mean")
+    packed_grads = torch.autograd.grad(pooled.sum() + means.sum(), (values, scores))
+
+    nonempty = [b for b, n in enumerate(lengths) if n > 0]
+    expected = dense_pool(values, scores, segments)
+    expected_means = torch.stack(
+        [
+            values[rows].mean(0) if rows.stop > rows.start else values.new_zeros(4)
+            for rows in bag_slices(segments)
+        ]
+    )
+    torch.testing.assert_close(pooled[nonempty], expected[nonempty])
+    torch.testing.assert_close(means, expected_means)
+    dense_grads = torch.autograd.grad(expected.sum() + expected_means.sum(), (values, scores))
+    for packed, dense in zip(packed_grads, dense_grads, strict=True):
+        torch.testing.assert_close(packed, dense)
+
+
+def test_reduce_max_gradient_goes_to_argmax() -> None:
+    segments = Segments.from_lengths([3, 2], total=6)
+    values = torch.tensor([[1.0], [5.0], [2.0], [7.0], [3.0], [9.0]], requires_grad=True)
+
+    segment_reduce(values, segments, reduce="max").sum().backward()
+
+    assert values.grad is not None
+    assert values.grad.flatten().tolist() == [0.0, 1.0, 0.0, 1.0, 0.0, 0.0]
