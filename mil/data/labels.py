@@ -305,6 +305,20 @@ class JoinReport:
     def case_ids(self) -> dict[str, str]:
         return {row.slide_id: row.case_id for row in self.matched}
 
+    def extra(self, column: str) -> dict[str, str]:
+        """Slide id → the cell of an extra target column, for every matched slide.
+
+        Raises:
+            ConfigError: no matched row has the column.
+        """
+        values = {row.slide_id: row.extras[column] for row in self.matched
+                  if column in row.extras}
+        if not values:
+            columns = sorted({name for row in self.matched for name in row.extras})
+            raise ConfigError(f"the label file has no column {column!r}; its extra columns "
+                              f"are {columns}")
+        return values
+
     @property
     def n_excluded(self) -> int:
         """Labelled slides left out: no features, blank label or conflicting rows."""

@@ -83,16 +83,16 @@ def test_read_labels_missing_file(tmp_path: Path) -> None:
 
 
 FAULTY_CSV = (
-    "slide_id,label,case_id\n"
-    "ok1,0,p1\n"
-    "ok2,1.0,p2\n"
-    "no_features,1,p3\n"
-    "blank,,p4\n"
-    "conflict,0,p5\n"
-    "conflict,1,p5\n"
-    "repeated,1,p6\n"
-    "repeated,1.0,p6\n"
-    "with_ext.svs,0,p7\n"
+    "slide_id,label,case_id,grade\n"
+    "ok1,0,p1,1\n"
+    "ok2,1.0,p2,2\n"
+    "no_features,1,p3,1\n"
+    "blank,,p4,1\n"
+    "conflict,0,p5,1\n"
+    "conflict,1,p5,1\n"
+    "repeated,1,p6,3\n"
+    "repeated,1.0,p6,3\n"
+    "with_ext.svs,0,p7,1\n"
 )
 FEATURE_IDS = ["ok1", "ok2", "blank", "conflict", "repeated", "with_ext", "unlabelled"]
 
@@ -112,6 +112,9 @@ def test_join_report_lists_every_fault(tmp_path: Path, caplog: pytest.LogCapture
     assert report.extension_ids == {"with_ext.svs": "with_ext"}
     assert report.unlabeled_features == ["unlabelled"]
     assert report.case_ids["with_ext"] == "p7"
+    assert report.extra("grade") == {"ok1": "1", "ok2": "2", "repeated": "3", "with_ext": "1"}
+    with pytest.raises(ConfigError, match="no column 'stage'"):
+        report.extra("stage")
     assert report.n_excluded == 3
     assert not report.is_clean
     assert "no_features" in caplog.text

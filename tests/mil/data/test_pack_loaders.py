@@ -185,3 +185,18 @@ def test_train_loader_ranks_are_disjoint(dataset: BagDataset) -> None:
     assert len(loaders[0]) == len(loaders[1])
     ids = [tuple(batch.bag_ids) for loader in loaders for batch in loader]
     assert len(ids) == len(set(ids))
+
+
+@pytest.mark.gpu
+def test_feature_cache_on_cuda(dataset: BagDataset) -> None:
+    cfg = PackingConfig(pack_len=600)
+    cache = FeatureCache(dataset, device="cuda")
+    assert cache.features.dtype == torch.float16
+    for stored, cached in zip(build_train_loader(dataset, cfg, 3, seed=1),
+                              build_train_loader(dataset, cfg, 3, seed=1, feature_cache=cache),
+                              strict=True):
+        assert cached.features.is_cuda
+        assert cached.segments.offsets.is_cuda
+        assert cached.bag_ids == stored.bag_ids
+        torch.testing.assert_close(cached.features.cpu(), stored.features, rtol=1e-3, atol=1e-2)
+        assert torch.equal(cached.tile_index.cpu(), stored.tile_index)
