@@ -33,17 +33,25 @@ def mask_polygons(mask: np.ndarray) -> list[list[Ring]]:
         return []
 
     edges = _boundary_edges(padded, labels)
-    rings = _chain_edges(edges)
-
-    exteriors: dict[int, Ring] = {}
+    exteriors: dict[int, list[Ring]] = defaultdict(list)
     holes: dict[int, list[Ring]] = defaultdict(list)
-    for label, ring in rings:
-        shifted = [(x - 1.0, y - 1.0) for x, y in ring]
-        if signed_area(shifted) > 0:
-            exteriors[label] = shifted
-        else:
-            holes[label].append(shifted)
-    return [[exteriors[label], *holes[label]] for label in sorted(exteriors)]
+    for label, traced in _chain_edges(edges):
+        for loop in _split_at_repeated_vertices(traced):
+            ring = _drop_collinear([(x - 1.0, y - 1.0) for x, y in loop])
+            (exteriors if signed_area(ring) > 0 else holes)[label].append(ring)
+
+    polygons: list[list[Ring]] = []
+    for label in sorted(exteriors):
+        rings = exteriors[label]
+        members: list[list[Ring]] = [[ring] for ring in rings]
+        for hole in holes[label]:
+            # A hole's edge midpoint lies strictly inside the exterior that contains it.
+            (x0, y0), (x1, y1) = hole[0], hole[1]
+            point = ((x0 + x1) / 2, (y0 + y1) / 2)
+            owner = next((i for i, ring in enumerate(rings) if _contains(ring, point)), 0)
+            members[owner].append(hole)
+        polygons.extend(members)
+    return polygons
 
 
 def signed_area(ring: Ring) -> float:
@@ -108,8 +116,43 @@ def _chain_edges(edges: np.ndarray) -> list[tuple[int, Ring]]:
             if current == first or used[current]:
                 break
         ring.append(ring[0])
-        rings.append((label, _drop_collinear(ring)))
+        rings.append((label, ring))
     return rings
+
+
+def _split_at_repeated_vertices(ring: Ring) -> list[Ring]:
+    """Split a closed ring that passes a vertex twice into simple closed loops.
+
+    A region whose boundary touches itself at a corner (two of its pixels meet only
+    diagonally around an enclosed background area) is traced as one ring through that corner
+    twice; OGC validity needs that as an exterior plus a hole touching it at one point.
+    """
+    loops: list[Ring] = []
+    stack: Ring = []
+    position: dict[tuple[float, float], int] = {}
+    for vertex in ring:
+        if vertex in position:
+            start = position[vertex]
+            loop = [*stack[start:], vertex]
+            for removed in stack[start + 1 :]:
+                del position[removed]
+            del stack[start + 1 :]
+            if len(loop) >= 4:
+                loops.append(loop)
+        else:
+            position[vertex] = len(stack)
+            stack.append(vertex)
+    return loops
+
+
+def _contains(ring: Ring, point: tuple[float, float]) -> bool:
+    """Even-odd ray casting test of a point against a closed ring."""
+    x, y = point
+    inside = False
+    for (x0, y0), (x1, y1) in zip(ring, ring[1:], strict=False):
+        if (y0 > y) != (y1 > y) and x < x0 + (y - y0) * (x1 - x0) / (y1 - y0):
+            inside = not inside
+    return inside
 
 
 def _right_turn(

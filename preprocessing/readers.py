@@ -35,9 +35,6 @@ class Reader(Protocol):
     """What `Slide` needs from a pixel reader. Coordinates of `location` are level-0 (x, y)."""
 
     name: str
-    #: True when a region starts at exactly `location / downsample` in level space (OpenSlide
-    #: interpolates bilinearly), False when it starts at the floor of that value.
-    fractional_origin: bool
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
     properties: Mapping[str, str]
@@ -45,6 +42,10 @@ class Reader(Protocol):
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
     ) -> np.ndarray: ...
+
+    def level_origin(self, location: tuple[int, int], level: int) -> tuple[float, float]:
+        """Level-space (x, y) of the first pixel `read_region(location, level, ...)` returns."""
+        ...
 
     def close(self) -> None: ...
 
@@ -124,7 +125,6 @@ class OpenSlideReader:
     """Reader over openslide-python (every format OpenSlide supports)."""
 
     name = "openslide"
-    fractional_origin = True
 
     def __init__(self, path: Path) -> None:
         self._path = path
@@ -154,6 +154,12 @@ class OpenSlideReader:
             ) from err
         return composite_rgba_on_white(np.asarray(image))
 
+    def level_origin(self, location: tuple[int, int], level: int) -> tuple[float, float]:
+        # OpenSlide divides by the downsample and paints at the fractional position, with
+        # bilinear interpolation.
+        downsample = self.level_downsamples[level]
+        return (location[0] / downsample, location[1] / downsample)
+
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
@@ -168,7 +174,6 @@ class TiffReader:
     """
 
     name = "tifffile"
-    fractional_origin = False
 
     def __init__(self, path: Path) -> None:
         self._path = path
@@ -280,9 +285,8 @@ class TiffReader:
     ) -> np.ndarray:
         width, height = size
         level_width, level_height = self.level_dimensions[level]
-        downsample = self.level_downsamples[level]
-        x0 = int(math.floor(location[0] / downsample))
-        y0 = int(math.floor(location[1] / downsample))
+        origin_x, origin_y = self.level_origin(location, level)
+        x0, y0 = int(origin_x), int(origin_y)
         out = np.full((height, width, 3), 255, dtype=np.uint8)
         cx0, cy0 = max(x0, 0), max(y0, 0)
         cx1, cy1 = min(x0 + width, level_width), min(y0 + height, level_height)
@@ -299,6 +303,14 @@ class TiffReader:
         rgb = to_rgb8(raw, value_range=self._value_range, alpha=self._alpha, source=str(self._path))
         out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = rgb
         return out
+
+    def level_origin(self, location: tuple[int, int], level: int) -> tuple[float, float]:
+        # Whole level pixels only: the region starts at the floor of location / downsample.
+        downsample = self.level_downsamples[level]
+        return (
+            float(math.floor(location[0] / downsample)),
+            float(math.floor(location[1] / downsample)),
+        )
 
     def close(self) -> None:
         self._tiff.close()
@@ -380,18 +392,31 @@ def open_reader(path: Path, reader: ReaderChoice = "auto") -> Reader:
         return _open_with_tifffile(path, f"{type(err).__name__}: {err}")
 
     if reader == "auto" and opened.properties.get("openslide.vendor") == "generic-tiff":
-        if _tiff_sample_dtype(path) not in (None, np.dtype(np.uint8)):
+        reason = _lossy_in_openslide(path)
+        if reason is not None:
             opened.close()
-            return _open_with_tifffile(path, "samples wider than 8 bits")
+            return _open_with_tifffile(path, reason)
     return opened
 
 
-def _tiff_sample_dtype(path: Path) -> np.dtype | None:
+def _lossy_in_openslide(path: Path) -> str | None:
+    """Why OpenSlide would convert a generic TIFF's samples lossily, or None if it would not.
+
+    OpenSlide reads generic TIFFs through libtiff's RGBA interface, which keeps the high byte
+    of wide samples and silently drops channels beyond RGB(A).
+    """
     try:
         with tifffile.TiffFile(str(path)) as tiff:
-            return np.dtype(tiff.pages.first.dtype)
+            page = tiff.pages.first
+            dtype, samples = np.dtype(page.dtype), int(page.samplesperpixel)
+            has_extra = bool(page.extrasamples)
     except (tifffile.TiffFileError, OSError, ValueError, TypeError):
         return None
+    if dtype != np.uint8:
+        return f"{dtype} samples"
+    if samples > 4 or (samples == 4 and not has_extra):
+        return f"{samples} samples per pixel"
+    return None
 
 
 def _open_with_tifffile(path: Path, openslide_reason: str) -> Reader:

@@ -137,32 +137,44 @@ class Slide:
             (int(location[0]), int(location[1])), level, (int(size[0]), int(size[1]))
         )
 
+    def level_scale(self, level: int) -> tuple[float, float]:
+        """Level-0 pixels per pixel of `level` along x and along y.
+
+        Level sizes are rounded, so the two differ slightly from each other and from the single
+        `level_downsamples` value (OpenSlide averages them). At the far edge of a 100,000-pixel
+        slide that difference reaches a whole level pixel, so tile geometry uses these.
+        """
+        width, height = self.dimensions
+        level_width, level_height = self.level_dimensions[level]
+        return (width / level_width, height / level_height)
+
     def read_tile(
         self, x: int, y: int, tile_px_level0: float, read_level: int, tile_px: int
     ) -> np.ndarray:
         """Read the square tile whose level-0 footprint is [x, x + tile_px_level0) in x and y.
 
-        The footprint is read from `read_level` and resized to `tile_px`; the sub-pixel offset
-        of the footprint inside the level is honoured, so tiles land on the right pixels at any
-        float downsample.
+        The footprint is read from `read_level` and resized to `tile_px`. Its position in the
+        level is computed per axis with sub-pixel precision, so tiles land on the right pixels
+        at any float downsample, also at the far edge of a large slide.
 
         Returns:
             uint8 RGB [tile_px, tile_px, 3].
         """
+        scale_x, scale_y = self.level_scale(read_level)
         downsample = self.level_downsamples[read_level]
-        size_level = tile_px_level0 / downsample
-        if self._reader.fractional_origin:
-            offset_x = offset_y = 0.0
-        else:
-            offset_x = x / downsample - math.floor(x / downsample)
-            offset_y = y / downsample - math.floor(y / downsample)
-        width = max(1, math.ceil(offset_x + size_level - 1e-9))
-        height = max(1, math.ceil(offset_y + size_level - 1e-9))
-        region = self.read_region((x, y), read_level, (width, height))
+        start_x, start_y = x / scale_x, y / scale_y  # footprint start in level pixels
+        # Level-0 location whose region starts at or just before the footprint.
+        location = (math.floor(start_x * downsample), math.floor(start_y * downsample))
+        origin_x, origin_y = self._reader.level_origin(location, read_level)
+        offset_x, offset_y = max(0.0, start_x - origin_x), max(0.0, start_y - origin_y)
+        size_x, size_y = tile_px_level0 / scale_x, tile_px_level0 / scale_y
+        width = max(1, math.ceil(offset_x + size_x - 1e-9))
+        height = max(1, math.ceil(offset_y + size_y - 1e-9))
+        region = self.read_region(location, read_level, (width, height))
 
         if offset_x == offset_y == 0.0 and width == height == tile_px:
             return region
-        box = (offset_x, offset_y, offset_x + size_level, offset_y + size_level)
+        box = (offset_x, offset_y, offset_x + size_x, offset_y + size_y)
         image = Image.fromarray(region).resize((tile_px, tile_px), RESAMPLE, box=box)
         return np.asarray(image)
 

@@ -93,13 +93,22 @@ def _tiles(
     scale: tuple[float, float],
     tile: int,
     dtype: np.dtype,
+    supersample: int,
 ) -> Iterator[np.ndarray]:
+    """Tiles of one level in raster order; each pixel averages supersample² pattern samples."""
     sx, sy = scale
+    k = supersample
+    offsets = (np.arange(tile * k) + 0.5) / k
     for y0 in range(0, level_height, tile):
-        ys = (np.arange(y0, y0 + tile) + 0.5) * sy
+        ys = (y0 + offsets) * sy
         for x0 in range(0, level_width, tile):
-            xs = (np.arange(x0, x0 + tile) + 0.5) * sx
-            yield pattern(xs, ys).astype(dtype, copy=False)
+            xs = (x0 + offsets) * sx
+            samples = pattern(xs, ys)
+            if k > 1:
+                channels = samples.shape[2]
+                blocks = samples.reshape(tile, k, tile, k, channels).astype(np.float32)
+                samples = np.rint(blocks.mean(axis=(1, 3)))
+            yield samples.astype(dtype, copy=False)
 
 
 def write_synthetic_slide(
@@ -115,6 +124,7 @@ def write_synthetic_slide(
     layout: Literal["pages", "subifds"] = "pages",
     dtype: str = "uint8",
     photometric: str | None = None,
+    supersample: int = 1,
 ) -> Path:
     """Write a pyramidal tiled TIFF rendered from `pattern`.
 
@@ -130,6 +140,9 @@ def write_synthetic_slide(
         layout: ``pages`` for OpenSlide's generic TIFF, ``subifds`` for the tifffile reader.
         dtype: sample type written (patterns render uint8; other types are scaled by 257).
         photometric: TIFF photometric; ``rgb`` for 3 or 4 samples, ``minisblack`` otherwise.
+        supersample: pixels of reduced levels average supersample x supersample pattern
+            samples, so edges fall between level pixels with sub-pixel accuracy. Level 0 is
+            always point-sampled at pixel centres.
     """
     probe = pattern(np.asarray([0.5]), np.asarray([0.5]))
     samples = probe.shape[2]
@@ -151,6 +164,7 @@ def write_synthetic_slide(
                 "dtype": sample_dtype,
                 "tile": (tile, tile),
                 "photometric": photometric,
+                "planarconfig": "contig" if samples > 1 else None,
                 "compression": compression,
                 "extrasamples": extrasamples,
                 "metadata": None,
@@ -164,7 +178,8 @@ def write_synthetic_slide(
                     options["subifds"] = len(shapes) - 1
             else:
                 options["subfiletype"] = 1
-            tiles = _tiles(render, level_width, level_height, scale, tile, sample_dtype)
+            k = supersample if index > 0 else 1
+            tiles = _tiles(render, level_width, level_height, scale, tile, sample_dtype, k)
             if samples == 1:
                 tiles = (t[..., 0] for t in tiles)
             writer.write(tiles, **options)  # type: ignore[arg-type]
