@@ -48,6 +48,7 @@ def write_tile_geojson(
     normalized: np.ndarray,
     colormap: Colormap | str = Colormap.viridis,
     origin_xy: tuple[float, float] = (0.0, 0.0),
+    clip_box: tuple[float, float, float, float] | None = None,
     n_bins: int = 10,
     object_type: str = "tile",
     class_prefix: str = "attention",
@@ -64,12 +65,15 @@ def write_tile_geojson(
         colormap: colour map for the classification colours.
         origin_xy: level-0 point subtracted from every coordinate; (bounds_x, bounds_y) puts
             tiles in the frame of viewers that crop the slide to its bounds.
+        clip_box: (x0, y0, x1, y1) image extent in the output frame. Polygons are clipped to
+            it, because edge tiles may reach past the image, and tiles left with no area are
+            not written.
         n_bins: number of classification bins of the normalised score.
         object_type: QuPath object type, "tile" or "detection" (both are detection objects).
         class_prefix: first word of the classification names.
 
     Returns:
-        The number of features written (N).
+        The number of features written: N less the tiles entirely outside `clip_box`.
 
     Raises:
         ValueError: shapes disagree or a coordinate or measurement is NaN or infinite.
@@ -93,6 +97,15 @@ def write_tile_geojson(
     ]:
         if not np.isfinite(values).all():
             raise ValueError(f"{path}: {name} contain NaN or inf; drop those tiles first")
+
+    if clip_box is not None:
+        boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], clip_box[0], clip_box[2])
+        boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], clip_box[1], clip_box[3])
+        inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if not inside.all():
+            boxes, normalized = boxes[inside], normalized[inside]
+            columns = [(name, values[inside]) for name, values in columns]
+            count = boxes.shape[0]
 
     bins = np.minimum((np.clip(normalized, 0.0, 1.0) * n_bins).astype(np.int64), n_bins - 1)
     bin_colors = apply_colormap((np.arange(n_bins) + 0.5) / n_bins, colormap)

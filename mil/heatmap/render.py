@@ -99,15 +99,24 @@ class ScoreMap:
     scores: np.ndarray
 
 
-def bounds_origin(slide: object) -> tuple[int, int]:
-    """Level-0 (x, y) of the slide's bounds origin; (0, 0) for slides without bounds."""
+def geojson_frame(
+    slide: object, level0_size: tuple[int, int], origin: GeoJsonOrigin
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Origin and image extent of the GeoJSON frame, from the slide's `bounds`.
+
+    Returns:
+        The level-0 point that becomes (0, 0), and the image extent (x0, y0, x1, y1) in the
+        output frame: the bounds rectangle for `bounds`, all of level 0 for `level0`. A slide
+        without `bounds` has bounds (0, 0, W0, H0).
+    """
+    width, height = level0_size
+    if origin is GeoJsonOrigin.level0:
+        return (0, 0), (0, 0, width, height)
     bounds = getattr(slide, "bounds", None)
-    if bounds is None:
-        return 0, 0
-    if hasattr(bounds, "x") and hasattr(bounds, "y"):
-        return int(bounds.x), int(bounds.y)
-    values = tuple(bounds)
-    return int(values[0]), int(values[1])
+    x, y, bounds_width, bounds_height = (0, 0, width, height) if bounds is None else (
+        int(value) for value in tuple(bounds)[:4]
+    )
+    return (x, y), (0, 0, bounds_width, bounds_height)
 
 
 def _file_label(name: str) -> str:
@@ -361,18 +370,23 @@ def render_slide(
     del raster
     clock = _lap(seconds, "maps", clock)
 
-    origin = bounds_origin(slide) if cfg.geojson_origin is GeoJsonOrigin.bounds else (0, 0)
+    origin, extent = geojson_frame(slide, level0_size, cfg.geojson_origin)
+    n_features = 0
     if cfg.geojson:
         measurements = {"attention": maps[0].scores}
         scale = 100.0 if cfg.normalization is Normalization.percentile else 1.0
         measurements[f"attention {cfg.normalization.value}"] = normalized[0].values * scale
         for score_map in maps[1:]:
             measurements[score_map.title] = score_map.scores
-        write_tile_geojson(
+        n_features = write_tile_geojson(
             paths.geojson, coords, tile_px_level0, measurements,
-            normalized[0].values, cfg.colormap, origin_xy=origin,
+            normalized[0].values, cfg.colormap, origin_xy=origin, clip_box=extent,
             object_type=cfg.geojson_object_type,
         )
+        if n_features < n_tiles:
+            logger.warning("%s: %d of %d tiles lie outside the image extent %s of the GeoJSON "
+                           "frame and were left out of %s", slide_id, n_tiles - n_features,
+                           n_tiles, extent, paths.geojson)
         files["geojson"] = paths.geojson.name
         clock = _lap(seconds, "geojson", clock)
 
@@ -409,6 +423,7 @@ def render_slide(
         "normalization": cfg.normalization.value,
         "colormap": cfg.colormap.value,
         "geojson_origin": list(origin),
+        "geojson_features": n_features,
         "predicted_class": predicted_class_name(store.attrs),
         "probability": store.attrs.get("probability"),
         "maps": [m.title for m in maps],

@@ -116,3 +116,17 @@ def test_measurement_length_mismatch_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="3 values for 2 tiles"):
         write_tile_geojson(tmp_path / "t.geojson", np.zeros((2, 2)), 10.0,
                            {"attention": np.ones(3)}, np.ones(2))
+
+
+def test_polygons_clipped_to_image_extent(tmp_path: Path) -> None:
+    path = tmp_path / "tiles.geojson"
+    coords = np.array([[0, 0], [90, 40], [200, 200]])
+    scores = np.array([0.1, 0.2, 0.3])
+    written = write_tile_geojson(path, coords, 20.0, {"attention": scores}, scores,
+                                 clip_box=(0.0, 0.0, 100.0, 50.0))
+    assert written == 2
+    boxes, measurements, _ = read_tile_geojson(path)
+    np.testing.assert_allclose(boxes, [[0, 0, 20, 20], [90, 40, 100, 50]])
+    np.testing.assert_allclose(measurements["attention"], [0.1, 0.2])
+    for feature in json.loads(path.read_text())["features"]:
+        assert shape(feature["geometry"]).is_valid

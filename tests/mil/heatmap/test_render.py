@@ -247,3 +247,15 @@ def test_single_column_attention_is_one_map(synthetic_case: SyntheticCase,
     summary = _render(synthetic_case, tmp_path, store=store, top_k=0)
     assert summary["maps"] == ["attention"]
     assert sorted(path.name for path in tmp_path.glob("*.png")) == ["synthetic.png"]
+
+
+def test_edge_tile_clipped_to_slide(synthetic_case: SyntheticCase, tmp_path: Path) -> None:
+    store = read_attention_store(synthetic_case.store_path)
+    store.coords = store.coords.copy()
+    store.coords[0] = (LEVEL0[0] - 50, LEVEL0[1] - 20)
+    summary = _render(synthetic_case, tmp_path, store=store, top_k=0)
+    assert summary["geojson_features"] == len(synthetic_case.coords)
+    features = json.loads((tmp_path / "synthetic.geojson").read_text())["features"]
+    ring = features[0]["geometry"]["coordinates"][0]
+    assert ring[0] == [LEVEL0[0] - 50, LEVEL0[1] - 20]
+    assert ring[2] == [LEVEL0[0], LEVEL0[1]]
