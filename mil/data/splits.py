@@ -162,6 +162,10 @@ def _held_out(
     if fixed:
         if test_fraction > 0:
             raise ConfigError("give either test_fraction or test ids for the test set, not both")
+        unknown = sorted(fixed - {row.slide_id for row in rows})
+        if unknown:
+            logger.warning("%d test slide id(s) are not among the matched slides and are "
+                           "ignored: %s", len(unknown), ", ".join(unknown[:10]))
         test_cases = {row.case_id for row in rows if row.slide_id in fixed}
         sorted_rows = _sorted_rows(rows)
         test = [row.slide_id for row in sorted_rows if row.case_id in test_cases]

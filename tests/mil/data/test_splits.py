@@ -89,11 +89,13 @@ def test_kfold_with_held_out_test() -> None:
     assert 0.1 < len(test_cases) / 40 < 0.3
 
 
-def test_fixed_test_ids_take_whole_patients() -> None:
+def test_fixed_test_ids_take_whole_patients(caplog: pytest.LogCaptureFixture) -> None:
     rows = make_rows()
-    split = train_val_split(rows, val_fraction=0.25, seed=0, test_ids=["p1_s1"])
+    with caplog.at_level(logging.WARNING, logger="mil.data.splits"):
+        split = train_val_split(rows, val_fraction=0.25, seed=0, test_ids=["p1_s1", "nope"])
     assert split.test == ["p1_s0", "p1_s1"]
     assert "p1_s0" not in split.train + split.val
+    assert "nope" in caplog.text
 
 
 def test_too_many_folds_raise() -> None:
