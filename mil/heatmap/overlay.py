@@ -1,7 +1,7 @@
 """Heatmap figures: scores blended over the slide thumbnail, a colour bar and a caption.
 
 The figure places the map at its top-left corner, so figure pixel (i, j) inside the map is
-thumbnail pixel (i, j); the colour bar is on the right and the caption below.
+thumbnail pixel (i, j). The colour bar is on the right and the caption below.
 """
 
 from __future__ import annotations
