@@ -45,7 +45,7 @@ class DtypeChoice(StrEnum):
 
 
 class StartMethodChoice(StrEnum):
-    """How DataLoader workers start."""
+    """Start method of the DataLoader worker processes."""
 
     fork = "fork"
     spawn = "spawn"

@@ -4,7 +4,8 @@ For every coords store ``<coords_dir>/<slide_id>.h5`` the stage reads the listed
 slide (at the level and size the tiling stage chose), embeds them with a backbone from
 :mod:`preprocessing.backbones` and writes ``<output_dir>/<backbone>/<slide_id>.h5`` (or
 ``.zarr``). Rows follow the order of the coords store; a tile that cannot be decoded is
-skipped, counted and logged with its coordinates, so features and coords always stay aligned.
+skipped, counted and logged with its coordinates. Features and coords therefore always stay
+aligned.
 
 Throughput: DataLoader workers decode tiles while the device computes. Each worker opens its
 own slide handle on first use, because open file handles must never cross a fork or be
@@ -182,7 +183,7 @@ def resolve_autocast_dtype(precision: Precision, device: torch.device) -> torch.
 
 @dataclass(frozen=True)
 class TileGrid:
-    """Where and how to read the tiles of one slide; everything a worker needs, picklable.
+    """Tile geometry of one slide: everything a worker needs to read its tiles (picklable).
 
     Attributes:
         slide_id: Slide id for messages.
@@ -411,7 +412,7 @@ class TileEmbedder:
         """Embed a stream of batches; yields each batch with its float32 [b, D] embeddings.
 
         On CUDA the copy of one batch's embeddings to the host is left in flight while the
-        next batch is computed, so the device never waits for the host.
+        next batch is computed, so the device does not wait for that copy.
         """
         pending: tuple[TileBatch, torch.Tensor, torch.cuda.Event | None] | None = None
         for batch in batches:
@@ -591,7 +592,7 @@ def list_extract_inputs(cfg: ExtractConfig) -> list[SlideInput]:
     """Slides to extract; ``path`` of each input is its coords store.
 
     Raises:
-        ConfigError: The coords folder does not exist or holds no coords stores.
+        ConfigError: The coords folder does not exist or contains no coords stores.
     """
     coords_dir = Path(cfg.coords_dir)
     if not coords_dir.is_dir():
@@ -655,7 +656,7 @@ class _SlideExtractor:
 
     def __call__(self, slide: SlideInput) -> SlideOutcome:
         path = self.store_path(slide)
-        self._refuse_other_weights(path)
+        self._reject_other_weights(path)
         _remove_stale_temporaries(path)
         if not slide.path.exists():
             raise IncompleteStoreError(
@@ -711,7 +712,7 @@ class _SlideExtractor:
             status = "ok"
         return SlideOutcome(status=status, n_tiles=n_ok, message=message)
 
-    def _refuse_other_weights(self, path: Path) -> None:
+    def _reject_other_weights(self, path: Path) -> None:
         if not is_complete_store(path):
             return
         with open_feature_store(path) as store:
