@@ -4,7 +4,7 @@ Use `create_model(name, in_dim, n_classes, **config)` and `list_models()`; prese
 model are in `configs/models/<name>.yaml`.
 """
 
-from mil.models import abmil, acmil, clam, dsmil, pooling
+from mil.models import abmil, acmil, clam, dsmil, pooling, transformer, transmil
 from mil.models.base import MILModel, MILOutput, create_model, list_models, register_model
 
 __all__ = [
@@ -18,4 +18,6 @@ __all__ = [
     "list_models",
     "pooling",
     "register_model",
+    "transformer",
+    "transmil",
 ]

@@ -31,7 +31,7 @@ def single_bag(batch: PackedBatch, index: int) -> PackedBatch:
 
 
 def test_registry_lists_every_model() -> None:
-    expected = {"mean", "max", "abmil", "acmil", "clam_sb", "dsmil"}
+    expected = {"mean", "max", "abmil", "acmil", "clam_sb", "dsmil", "transmil", "transformer"}
     assert expected <= set(MODEL_NAMES)
 
 
@@ -156,3 +156,16 @@ def test_inference_without_labels_has_no_aux_losses(
         output = model(batch)
     assert output.aux_losses == {}
     assert output.logits.shape == (2, model.n_classes)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_soft_labels_give_finite_aux_losses(
+    name: str, pack_factory: PackFactory, model_factory: ModelFactory
+) -> None:
+    model = model_factory(name).train()
+    batch = pack_factory([12, 5])
+    batch.labels = torch.tensor([[0.2, 0.8, 0.0], [0.0, 0.5, 0.5]], dtype=torch.float64)
+    output = model(batch)
+    for key, value in output.aux_losses.items():
+        assert value.dim() == 0, key
+        assert torch.isfinite(value), key
