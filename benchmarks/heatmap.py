@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -28,6 +29,20 @@ TILE_PX_LEVEL0 = 380.8
 STEP = 380
 TIFF_TILE = 1024
 DOWNSAMPLES = (1, 4, 16, 64)
+
+
+def describe_machine() -> str:
+    """CPU model, core count and load average, for the results table."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{model}, {os.cpu_count()} cores, {platform.system()}, load {load:.1f}"
 
 
 def write_constant_pyramid(path: Path, size: tuple[int, int]) -> None:
@@ -123,7 +138,7 @@ def main() -> None:
 
     best = min(runs, key=lambda run: run["seconds"])
     peak = max(run["peak_mib"] for run in runs)
-    machine = f"{platform.processor() or platform.machine()}, {platform.system()}"
+    machine = describe_machine()
     print("| tiles | thumbnail | top-k | seconds (best of "
           f"{args.repeats}) | peak RSS MiB (after imports) | machine |")
     print("|---|---|---|---|---|---|")

@@ -75,7 +75,7 @@ def command(
     ] = None,
     max_size: Annotated[
         int,
-        typer.Option(min=16, max=32768, help="Longest side of the thumbnail, in pixels.",
+        typer.Option(min=16, max=8192, help="Longest side of the thumbnail, in pixels.",
                      rich_help_panel=PANEL_LOOK),
     ] = 2048,
     downsample: Annotated[

@@ -11,6 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mil.heatmap.colormap import Colormap
 from mil.heatmap.normalize import Normalization
 
+#: Largest thumbnail side in pixels. Rendering holds several float planes of the thumbnail
+#: size, about 70 bytes per pixel in benchmarks/heatmap.py, so 8192 x 8192 needs about 4.5 GB.
+MAX_THUMBNAIL_PX = 8192
+
 
 class GeoJsonOrigin(StrEnum):
     """Frame of the GeoJSON coordinates.
@@ -35,8 +39,9 @@ class HeatmapConfig(BaseModel):
         slides: folder, glob or CSV of slides that overrides each store's `slide_path`
             attribute (for slides moved since prediction). Matched by slide id.
         slide_ids: only these slides; all stores by default.
-        max_size: longest side of the thumbnail in pixels.
-        downsample: level-0 pixels per thumbnail pixel; overrides `max_size` when set.
+        max_size: longest side of the thumbnail in pixels, at most `MAX_THUMBNAIL_PX`.
+        downsample: level-0 pixels per thumbnail pixel; overrides `max_size` when set. A slide
+            whose thumbnail would exceed `MAX_THUMBNAIL_PX` pixels fails with ConfigError.
         normalization: percentile rank within the slide, min-max within the slide, or raw.
         raw_range: scores mapped to the two ends of the colour bar by `raw`.
         colormap: colour map of the scores.
@@ -58,7 +63,7 @@ class HeatmapConfig(BaseModel):
     output_dir: Path
     slides: str | None = None
     slide_ids: list[str] | None = None
-    max_size: int = Field(2048, ge=16, le=32768)
+    max_size: int = Field(2048, ge=16, le=MAX_THUMBNAIL_PX)
     downsample: float | None = Field(None, gt=0)
     normalization: Normalization = Normalization.percentile
     raw_range: tuple[float, float] = (0.0, 1.0)

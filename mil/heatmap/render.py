@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from mil.heatmap.config import GeoJsonOrigin, HeatmapConfig
+from mil.heatmap.config import MAX_THUMBNAIL_PX, GeoJsonOrigin, HeatmapConfig
 from mil.heatmap.gallery import (
     gallery_tiles,
     render_gallery,
@@ -26,7 +26,7 @@ from mil.heatmap.geojson import write_tile_geojson
 from mil.heatmap.normalize import Normalization, NormalizedScores, normalize_scores
 from mil.heatmap.overlay import blend_scores, render_figure
 from mil.heatmap.raster import rasterize_tiles, tile_boxes
-from preprocessing.errors import StoreFormatError
+from preprocessing.errors import ConfigError, StoreFormatError
 from preprocessing.stores import AttentionStore
 
 logger = logging.getLogger(__name__)
@@ -289,11 +289,24 @@ def _check_slide_size(store: AttentionStore, slide: HeatmapSlide) -> tuple[int, 
     return width, height
 
 
-def thumbnail_max_size(level0_size: tuple[int, int], cfg: HeatmapConfig) -> int:
-    """Longest thumbnail side in pixels from `downsample` if set, else `max_size`."""
-    if cfg.downsample is not None:
-        return max(1, math.ceil(max(level0_size) / cfg.downsample))
-    return cfg.max_size
+def thumbnail_max_size(level0_size: tuple[int, int], cfg: HeatmapConfig,
+                       slide_id: str = "") -> int:
+    """Longest thumbnail side in pixels from `downsample` if set, else `max_size`.
+
+    Raises:
+        ConfigError: `downsample` gives a thumbnail side above `MAX_THUMBNAIL_PX`.
+    """
+    if cfg.downsample is None:
+        return cfg.max_size
+    side = max(1, round(max(level0_size) / cfg.downsample))
+    if side > MAX_THUMBNAIL_PX:
+        minimum = max(level0_size) / MAX_THUMBNAIL_PX
+        raise ConfigError(
+            f"slide {slide_id}: downsample {cfg.downsample:g} of a {level0_size[0]}x"
+            f"{level0_size[1]} slide gives a {side} px thumbnail, above the limit of "
+            f"{MAX_THUMBNAIL_PX} px; use a downsample of at least {minimum:.2f}."
+        )
+    return side
 
 
 def _caption(
@@ -347,7 +360,8 @@ def render_slide(
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = OutputPaths(output_dir, slide_id)
 
-    thumbnail = np.asarray(slide.get_thumbnail(thumbnail_max_size(level0_size, cfg)))[..., :3]
+    max_side = thumbnail_max_size(level0_size, cfg, slide_id)
+    thumbnail = np.asarray(slide.get_thumbnail(max_side))[..., :3]
     thumb_height, thumb_width = thumbnail.shape[:2]
     clock = _lap(seconds, "thumbnail", clock)
     maps = score_maps(store, keep, cfg.per_head)

@@ -15,7 +15,7 @@ from shapely.geometry import box, shape
 from mil.heatmap.colormap import apply_colormap
 from mil.heatmap.config import HeatmapConfig
 from mil.heatmap.render import render_slide
-from preprocessing.errors import StoreFormatError
+from preprocessing.errors import ConfigError, StoreFormatError
 from preprocessing.slide import open_slide
 from preprocessing.stores import AttentionStore, read_attention_store
 
@@ -259,3 +259,17 @@ def test_edge_tile_clipped_to_slide(synthetic_case: SyntheticCase, tmp_path: Pat
     ring = features[0]["geometry"]["coordinates"][0]
     assert ring[0] == [LEVEL0[0] - 50, LEVEL0[1] - 20]
     assert ring[2] == [LEVEL0[0], LEVEL0[1]]
+
+
+def test_downsample_sets_thumbnail_size(synthetic_case: SyntheticCase, tmp_path: Path) -> None:
+    summary = _render(synthetic_case, tmp_path, downsample=20.5, top_k=0)
+    assert max(summary["thumbnail_size"]) == round(LEVEL0[0] / 20.5)
+
+
+def test_too_large_thumbnail_rejected(synthetic_case: SyntheticCase, tmp_path: Path) -> None:
+    cfg = HeatmapConfig(attention_dir=synthetic_case.store_path, output_dir=tmp_path,
+                        downsample=0.25)
+    with open_slide(synthetic_case.slide_path) as slide, pytest.raises(
+        ConfigError, match="at least 0.37"
+    ):
+        render_slide(read_attention_store(synthetic_case.store_path), slide, tmp_path, cfg)
