@@ -11,8 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mil.heatmap.colormap import Colormap
 from mil.heatmap.normalize import Normalization
 
-#: Largest thumbnail side in pixels. Rendering holds several float planes of the thumbnail
-#: size, about 70 bytes per pixel in benchmarks/heatmap.py, so 8192 x 8192 needs about 4.5 GB.
+#: Largest thumbnail side in pixels. Rendering holds several float planes of the thumbnail size:
+#: benchmarks/heatmap.py measured 50 to 75 bytes per thumbnail pixel at 2048 and 4096 px, so
+#: 8192 x 8192 needs an estimated 3.5 to 5 GB.
 MAX_THUMBNAIL_PX = 8192
 
 
