@@ -21,7 +21,6 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import openslide
 import tifffile
-import zarr
 
 from preprocessing.errors import SlideOpenError, TileReadError
 
@@ -185,6 +184,8 @@ class TiffReader:
             raise
 
     def _init_levels(self) -> None:
+        import zarr  # imported here: only the tifffile reader needs it, and it loads slowly
+
         series = self._tiff.series[0]
         page = series.keyframe
         self._axes_order, self._channels = _yxc_axes(series.axes, series.shape, self._path)
