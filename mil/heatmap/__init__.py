@@ -5,7 +5,7 @@ from mil.heatmap.config import GeoJsonOrigin, HeatmapConfig
 from mil.heatmap.geojson import read_tile_geojson, write_tile_geojson
 from mil.heatmap.normalize import Normalization, NormalizedScores, normalize_scores
 from mil.heatmap.raster import ScoreRaster, rasterize_tiles, tile_boxes
-from mil.heatmap.render import render_slide
+from mil.heatmap.render import OutputPaths, render_slide
 from mil.heatmap.run import run_heatmaps
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "HeatmapConfig",
     "Normalization",
     "NormalizedScores",
+    "OutputPaths",
     "ScoreRaster",
     "apply_colormap",
     "normalize_scores",

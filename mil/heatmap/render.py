@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,13 @@ from mil.heatmap.gallery import (
     write_gallery_csv,
 )
 from mil.heatmap.geojson import write_tile_geojson
+from mil.heatmap.maps import (
+    ScoreMap,
+    check_store,
+    predicted_class_name,
+    score_maps,
+    tile_px_level0_of,
+)
 from mil.heatmap.normalize import Normalization, NormalizedScores, normalize_scores
 from mil.heatmap.overlay import blend_scores, render_figure
 from mil.heatmap.raster import rasterize_tiles, tile_boxes
@@ -90,15 +96,6 @@ class HeatmapSlide(Protocol):
     ) -> np.ndarray: ...
 
 
-@dataclass(frozen=True)
-class ScoreMap:
-    """One map to draw: a name for files and captions, and one raw score per kept tile."""
-
-    name: str
-    title: str
-    scores: np.ndarray
-
-
 def geojson_frame(
     slide: object, level0_size: tuple[int, int], origin: GeoJsonOrigin
 ) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
@@ -117,84 +114,6 @@ def geojson_frame(
         int(value) for value in tuple(bounds)[:4]
     )
     return (x, y), (0, 0, bounds_width, bounds_height)
-
-
-def _file_label(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "head"
-
-
-def _json_attr(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return value
-
-
-def class_names(attrs: dict[str, Any]) -> list[str]:
-    """Class names in index order from the store's `classes` attribute (JSON list or map)."""
-    classes = _json_attr(attrs.get("classes"))
-    if isinstance(classes, dict):
-        return [str(name) for name, _ in sorted(classes.items(), key=lambda item: int(item[1]))]
-    if isinstance(classes, list):
-        return [str(name) for name in classes]
-    return []
-
-
-def predicted_class_name(attrs: dict[str, Any]) -> str | None:
-    """Predicted class as a name; an index is looked up in `classes`."""
-    predicted = attrs.get("predicted_class")
-    if predicted is None or predicted == "":
-        return None
-    names = class_names(attrs)
-    if isinstance(predicted, (int, np.integer)) and 0 <= int(predicted) < len(names):
-        return names[int(predicted)]
-    return str(predicted)
-
-
-def head_names(attrs: dict[str, Any], n_heads: int) -> tuple[list[str], bool]:
-    """Name the H attention heads and tell whether they are per-class heads.
-
-    Heads are per class when the store's `attention_per_class` is true and H equals the number
-    of classes. Otherwise the `head_names` attribute (JSON list) names them if it has H entries.
-    """
-    names = _json_attr(attrs.get("head_names"))
-    per_class = bool(attrs.get("attention_per_class", False))
-    classes = class_names(attrs)
-    if per_class and len(classes) == n_heads:
-        return [f"class {name}" for name in classes], True
-    if isinstance(names, list) and len(names) == n_heads:
-        return [str(name) for name in names], False
-    return [f"branch {index}" for index in range(n_heads)], False
-
-
-def score_maps(store: AttentionStore, keep: np.ndarray, per_head: bool) -> list[ScoreMap]:
-    """Build the maps to draw for a store: the slide map first, then one per head if asked.
-
-    The slide map of [N, H] attention is the head of the predicted class for per-class heads,
-    else the mean over heads.
-    """
-    attention = store.attention[keep]
-    if attention.ndim == 2 and attention.shape[1] == 1:
-        attention = attention[:, 0]
-    if attention.ndim == 1:
-        return [ScoreMap("attention", "attention", attention.astype(np.float64))]
-    names, per_class = head_names(store.attrs, attention.shape[1])
-    predicted = predicted_class_name(store.attrs)
-    if per_class and predicted is not None and f"class {predicted}" in names:
-        column = names.index(f"class {predicted}")
-        main = ScoreMap("attention", f"attention of predicted class {predicted}",
-                        attention[:, column].astype(np.float64))
-    else:
-        main = ScoreMap("attention", f"attention, mean of {attention.shape[1]} heads",
-                        attention.mean(axis=1, dtype=np.float64))
-    maps = [main]
-    if per_head:
-        for column, name in enumerate(names):
-            maps.append(ScoreMap(_file_label(name), f"attention, {name}",
-                                 attention[:, column].astype(np.float64)))
-    return maps
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
@@ -221,58 +140,6 @@ def _lap(seconds: dict[str, float], name: str, start: float) -> float:
     now = time.perf_counter()
     seconds[name] = round(now - start, 4)
     return now
-
-
-def _tile_px_level0(store: AttentionStore) -> float:
-    value = store.attrs.get("tile_px_level0")
-    try:
-        size = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        size = math.nan
-    if not (math.isfinite(size) and size > 0):
-        raise StoreFormatError(
-            f"{store.path}: attribute tile_px_level0 is missing or invalid ({value!r}); the "
-            "attention store must carry the tile side in level-0 pixels. Rerun `slidemil "
-            "predict` with feature stores written by `slidemil extract`."
-        )
-    return size
-
-
-def check_store(store: AttentionStore) -> tuple[np.ndarray, int]:
-    """Validate shapes and find the tiles with finite scores.
-
-    Returns:
-        keep: bool [N], True for rows whose scores are all finite.
-        n_dropped: rows with a NaN or infinite score.
-
-    Raises:
-        StoreFormatError: attention and coords lengths differ, attention is not [N] or [N, H],
-            or no tile has a finite score.
-    """
-    attention, coords = store.attention, store.coords
-    if attention.ndim not in (1, 2):
-        raise StoreFormatError(
-            f"{store.path}: attention has shape {attention.shape}, expected [N] or [N, H]"
-        )
-    if attention.shape[0] != coords.shape[0]:
-        raise StoreFormatError(
-            f"{store.path}: attention has {attention.shape[0]} rows but coords has "
-            f"{coords.shape[0]}; they must be row-aligned. Rerun `slidemil predict` for "
-            "this slide."
-        )
-    finite = np.isfinite(attention)
-    keep = finite if finite.ndim == 1 else finite.all(axis=1)
-    n_dropped = int((~keep).sum())
-    if n_dropped:
-        first = np.flatnonzero(~keep)[:5].tolist()
-        logger.warning("%s: dropped %d of %d tiles with NaN or infinite attention (rows %s%s)",
-                       store.path, n_dropped, keep.size, first, ", ..." if n_dropped > 5 else "")
-    if not keep.any():
-        raise StoreFormatError(
-            f"{store.path}: none of the {keep.size} tiles has a finite attention score; check "
-            "the model and the feature store of this slide, then rerun `slidemil predict`."
-        )
-    return keep, n_dropped
 
 
 def _check_slide_size(store: AttentionStore, slide: HeatmapSlide) -> tuple[int, int]:
@@ -327,6 +194,89 @@ def _caption(
             f"colour: {normalized.label}"]
 
 
+def _write_overlays(
+    paths: OutputPaths,
+    thumbnail: np.ndarray,
+    coords: np.ndarray,
+    tile_px_level0: float,
+    level0_size: tuple[int, int],
+    maps: list[ScoreMap],
+    normalized: list[NormalizedScores],
+    captions: list[list[str]],
+    cfg: HeatmapConfig,
+) -> dict[str, str]:
+    """Paint every map on the thumbnail and save one figure per map; returns file names."""
+    thumb_height, thumb_width = thumbnail.shape[:2]
+    raster = rasterize_tiles(
+        np.stack([norm.values for norm in normalized], axis=1),
+        tile_boxes(coords, tile_px_level0),
+        level0_size,
+        (thumb_width, thumb_height),
+    )
+    files: dict[str, str] = {}
+    for index, (score_map, norm) in enumerate(zip(maps, normalized, strict=True)):
+        blended = blend_scores(thumbnail, raster.mean[..., index], raster.coverage,
+                               cfg.colormap, cfg.opacity)
+        figure = render_figure(blended, norm, cfg.colormap, captions[index])
+        path = paths.overlay if index == 0 else paths.head_overlay(score_map.name)
+        _save_png(figure, path)
+        files[score_map.name] = path.name
+    return files
+
+
+def _write_geojson(
+    paths: OutputPaths,
+    coords: np.ndarray,
+    tile_px_level0: float,
+    maps: list[ScoreMap],
+    normalized: list[NormalizedScores],
+    frame: tuple[tuple[int, int], tuple[int, int, int, int]],
+    cfg: HeatmapConfig,
+) -> int:
+    """Write the QuPath GeoJSON of the slide map and every head; returns the feature count."""
+    origin, extent = frame
+    measurements = {"attention": maps[0].scores}
+    scale = 100.0 if cfg.normalization is Normalization.percentile else 1.0
+    measurements[f"attention {cfg.normalization.value}"] = normalized[0].values * scale
+    for score_map in maps[1:]:
+        measurements[score_map.title] = score_map.scores
+    n_features = write_tile_geojson(
+        paths.geojson, coords, tile_px_level0, measurements,
+        normalized[0].values, cfg.colormap, origin_xy=origin, clip_box=extent,
+        object_type=cfg.geojson_object_type,
+    )
+    if n_features < len(coords):
+        logger.warning("%s: %d of %d tiles lie outside the image extent %s of the GeoJSON "
+                       "frame and were left out of %s", paths.slide_id,
+                       len(coords) - n_features, len(coords), extent, paths.geojson)
+    return n_features
+
+
+def _write_gallery(
+    paths: OutputPaths,
+    slide: HeatmapSlide,
+    coords: np.ndarray,
+    store_rows: np.ndarray,
+    tile_px_level0: float,
+    score_map: ScoreMap,
+    normalized: NormalizedScores,
+    cfg: HeatmapConfig,
+) -> None:
+    """Read the top_k highest and lowest tiles of the slide map and save the gallery and CSV."""
+    high, low = select_extreme_tiles(score_map.scores, cfg.top_k)
+    tiles = gallery_tiles(coords, score_map.scores, normalized.values, high, "highest",
+                          store_rows)
+    tiles += gallery_tiles(coords, score_map.scores, normalized.values, low, "lowest",
+                           store_rows)
+    gallery = render_gallery(
+        slide, tiles, tile_px_level0, tile_px=cfg.gallery_tile_px,
+        title=f"slide {paths.slide_id}: {cfg.top_k} highest and lowest attention tiles",
+        normalized_label=cfg.normalization.value,
+    )
+    _save_png(gallery, paths.gallery)
+    write_gallery_csv(paths.gallery_csv, tiles, tile_px_level0)
+
+
 def render_slide(
     store: AttentionStore,
     slide: HeatmapSlide,
@@ -353,7 +303,7 @@ def render_slide(
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     keep, n_dropped = check_store(store)
-    tile_px_level0 = _tile_px_level0(store)
+    tile_px_level0 = tile_px_level0_of(store)
     level0_size = _check_slide_size(store, slide)
     coords = store.coords[keep]
     n_tiles = int(coords.shape[0])
@@ -364,60 +314,25 @@ def render_slide(
     thumbnail = np.asarray(slide.get_thumbnail(max_side))[..., :3]
     thumb_height, thumb_width = thumbnail.shape[:2]
     clock = _lap(seconds, "thumbnail", clock)
+
     maps = score_maps(store, keep, cfg.per_head)
     normalized = [normalize_scores(m.scores, cfg.normalization, cfg.raw_range) for m in maps]
-    raster = rasterize_tiles(
-        np.stack([n.values for n in normalized], axis=1),
-        tile_boxes(coords, tile_px_level0),
-        level0_size,
-        (thumb_width, thumb_height),
-    )
-    files: dict[str, str] = {}
-    for index, (score_map, norm) in enumerate(zip(maps, normalized, strict=True)):
-        blended = blend_scores(thumbnail, raster.mean[..., index], raster.coverage,
-                               cfg.colormap, cfg.opacity)
-        figure = render_figure(blended, norm, cfg.colormap,
-                               _caption(slide_id, store, score_map, norm, n_tiles, n_dropped))
-        path = paths.overlay if index == 0 else paths.head_overlay(score_map.name)
-        _save_png(figure, path)
-        files[score_map.name] = path.name
-    del raster
+    captions = [_caption(slide_id, store, score_map, norm, n_tiles, n_dropped)
+                for score_map, norm in zip(maps, normalized, strict=True)]
+    files = _write_overlays(paths, thumbnail, coords, tile_px_level0, level0_size, maps,
+                            normalized, captions, cfg)
     clock = _lap(seconds, "maps", clock)
 
-    origin, extent = geojson_frame(slide, level0_size, cfg.geojson_origin)
+    frame = geojson_frame(slide, level0_size, cfg.geojson_origin)
     n_features = 0
     if cfg.geojson:
-        measurements = {"attention": maps[0].scores}
-        scale = 100.0 if cfg.normalization is Normalization.percentile else 1.0
-        measurements[f"attention {cfg.normalization.value}"] = normalized[0].values * scale
-        for score_map in maps[1:]:
-            measurements[score_map.title] = score_map.scores
-        n_features = write_tile_geojson(
-            paths.geojson, coords, tile_px_level0, measurements,
-            normalized[0].values, cfg.colormap, origin_xy=origin, clip_box=extent,
-            object_type=cfg.geojson_object_type,
-        )
-        if n_features < n_tiles:
-            logger.warning("%s: %d of %d tiles lie outside the image extent %s of the GeoJSON "
-                           "frame and were left out of %s", slide_id, n_tiles - n_features,
-                           n_tiles, extent, paths.geojson)
+        n_features = _write_geojson(paths, coords, tile_px_level0, maps, normalized, frame, cfg)
         files["geojson"] = paths.geojson.name
         clock = _lap(seconds, "geojson", clock)
 
     if cfg.top_k > 0:
-        store_rows = np.flatnonzero(keep)
-        high, low = select_extreme_tiles(maps[0].scores, cfg.top_k)
-        tiles = gallery_tiles(coords, maps[0].scores, normalized[0].values, high, "highest",
-                              store_rows)
-        tiles += gallery_tiles(coords, maps[0].scores, normalized[0].values, low, "lowest",
-                               store_rows)
-        gallery = render_gallery(
-            slide, tiles, tile_px_level0, tile_px=cfg.gallery_tile_px,
-            title=f"slide {slide_id}: {cfg.top_k} highest and lowest attention tiles",
-            normalized_label=cfg.normalization.value,
-        )
-        _save_png(gallery, paths.gallery)
-        write_gallery_csv(paths.gallery_csv, tiles, tile_px_level0)
+        _write_gallery(paths, slide, coords, np.flatnonzero(keep), tile_px_level0, maps[0],
+                       normalized[0], cfg)
         files["gallery"] = paths.gallery.name
         files["gallery_csv"] = paths.gallery_csv.name
         clock = _lap(seconds, "gallery", clock)
@@ -436,7 +351,7 @@ def render_slide(
         "map_box_px": [0, 0, thumb_width, thumb_height],
         "normalization": cfg.normalization.value,
         "colormap": cfg.colormap.value,
-        "geojson_origin": list(origin),
+        "geojson_origin": list(frame[0]),
         "geojson_features": n_features,
         "predicted_class": predicted_class_name(store.attrs),
         "probability": store.attrs.get("probability"),
