@@ -149,8 +149,9 @@ def _run_predict(fields: dict[str, Any]) -> StageOutcome:
 
     config = PredictConfig(**fields)
     result = run_prediction(config)
-    failed = int(getattr(result, "n_failed", 0))
-    return StageOutcome("predict", Path(config.output_dir), failed, str(result))
+    return StageOutcome(
+        "predict", result.predictions_path.parent, result.n_failed, str(result)
+    )
 
 
 def _run_heatmap(fields: dict[str, Any]) -> StageOutcome:
