@@ -105,7 +105,12 @@ def score_maps(store: AttentionStore, keep: np.ndarray, per_head: bool) -> list[
 
 
 def tile_px_level0_of(store: AttentionStore) -> float:
-    value = store.attrs.get("tile_px_level0")
+    """Tile side in level-0 pixels from `tile_px_level0`, else CLAM's `patch_size_level0`.
+
+    Raises:
+        StoreFormatError: neither attribute is a positive number.
+    """
+    value = store.attrs.get("tile_px_level0", store.attrs.get("patch_size_level0"))
     try:
         size = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):

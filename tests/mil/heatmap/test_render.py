@@ -273,3 +273,18 @@ def test_too_large_thumbnail_rejected(synthetic_case: SyntheticCase, tmp_path: P
         ConfigError, match="at least 0.37"
     ):
         render_slide(read_attention_store(synthetic_case.store_path), slide, tmp_path, cfg)
+
+
+def test_clam_patch_size_attribute_accepted(synthetic_case: SyntheticCase,
+                                            tmp_path: Path) -> None:
+    store = read_attention_store(synthetic_case.store_path)
+    store.attrs["patch_size_level0"] = store.attrs.pop("tile_px_level0")
+    summary = _render(synthetic_case, tmp_path, store=store, top_k=0)
+    assert summary["tile_px_level0"] == pytest.approx(TILE_PX_LEVEL0)
+
+
+def test_missing_tile_size_rejected(synthetic_case: SyntheticCase, tmp_path: Path) -> None:
+    store = read_attention_store(synthetic_case.store_path)
+    del store.attrs["tile_px_level0"]
+    with pytest.raises(StoreFormatError, match="tile_px_level0 is missing"):
+        _render(synthetic_case, tmp_path, store=store)
