@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mil.batch import PackedBatch
@@ -163,14 +164,27 @@ class PPEG(nn.Module):
     """Pyramid position encoding generator: depthwise 7×7, 5×5, 3×3 convolutions on each bag's grid.
 
     Bags are grouped by grid side and each group is convolved as one [n, dim, s, s] batch, with
-    the convolutions' zero padding at every bag's own grid border.
+    the convolutions' zero padding at every bag's own grid border. x + conv7(x) + conv5(x) +
+    conv3(x) is computed as one 7×7 convolution whose kernel is the sum of the three kernels
+    (zero-padded to 7×7) and the identity.
     """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.convs = nn.ModuleList(
-            nn.Conv2d(dim, dim, size, padding=size // 2, groups=dim) for size in (7, 5, 3)
-        )
+        self.conv7 = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.conv5 = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+        self.conv3 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def merged_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Depthwise 7×7 weight [dim, 1, 7, 7] and bias [dim] of identity + the three convs."""
+        weight = torch.zeros_like(self.conv7.weight)
+        weight[:, :, 3, 3] = 1.0
+        weight = weight + self.conv7.weight
+        weight = weight + F.pad(self.conv5.weight, (1, 1, 1, 1))
+        weight = weight + F.pad(self.conv3.weight, (2, 2, 2, 2))
+        biases = [conv.bias for conv in (self.conv7, self.conv5, self.conv3)]
+        bias = torch.stack([b for b in biases if b is not None]).sum(dim=0)
+        return weight, bias
 
     def forward(self, tokens: torch.Tensor, layout: BagSequences) -> torch.Tensor:
         """Return tokens [S, dim] with the encoding added on the tile rows of each bag."""
@@ -180,12 +194,15 @@ class PPEG(nn.Module):
             if side > 0:
                 by_side.setdefault(side, []).append(bag)
         tile_rows = layout.segments.starts
+        weight, bias = self.merged_kernel()
         for side, bags in by_side.items():
             rows = torch.cat(
                 [torch.arange(tile_rows[b] + 1, tile_rows[b] + 1 + side * side) for b in bags]
             ).to(tokens.device)
             grid = tokens[rows].view(len(bags), side, side, dim).permute(0, 3, 1, 2)
-            encoded = grid + sum((conv(grid) for conv in self.convs), torch.zeros_like(grid))
+            encoded = F.conv2d(
+                grid, weight.to(grid.dtype), bias.to(grid.dtype), padding=3, groups=dim
+            )
             tokens = tokens.index_copy(0, rows, encoded.permute(0, 2, 3, 1).reshape(-1, dim))
         return tokens
 
