@@ -22,7 +22,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from torch import nn
 
 from mil.batch import PackedBatch
 from mil.distributed import all_reduce_sum, is_distributed
+from mil.kernels.segments import Segments
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,37 @@ def per_bag_loss(
     return loss
 
 
+def drop_padding(batch: PackedBatch) -> PackedBatch:
+    """The batch without its padding rows (T becomes the number of valid rows).
+
+    Padding contributes exactly 0 to every output, so this changes no result. The fixed pack
+    length only helps on CUDA (static shapes for compiled kernels); on the CPU the padding
+    rows would still go through every linear layer, so the CPU paths drop them.
+    """
+    segments = batch.segments
+    valid = segments.num_valid
+    if valid == segments.total:
+        return batch
+
+    def cut(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor[:valid]
+
+    return replace(
+        batch,
+        features=batch.features[:valid],
+        segments=Segments.from_lengths(segments.lengths, device=segments.device),
+        coords=cut(batch.coords),
+        tile_index=cut(batch.tile_index),
+    )
+
+
+def prepare_batch(batch: PackedBatch, device: torch.device) -> PackedBatch:
+    """Move a batch to `device`, dropping its padding rows there unless it is CUDA."""
+    if device.type != "cuda":
+        batch = drop_padding(batch)
+    return batch.to(device, non_blocking=True)
+
+
 def _residual_mask(batch: PackedBatch) -> torch.Tensor:
     if batch.is_residual is None:
         return torch.zeros(batch.num_bags, dtype=torch.bool)
@@ -175,7 +207,7 @@ def train_epoch(
         step_loss, step_aux = 0.0, 0.0
 
         for index, (pack, is_residual) in enumerate(zip(group, residual, strict=True)):
-            pack = pack.to(device, non_blocking=True)
+            pack = prepare_batch(pack, device)
             if pack.labels is None:
                 raise ValueError(f"training batch of {pack.bag_ids} has no labels")
             sync = index == len(group) - 1
@@ -245,7 +277,7 @@ def predict_bags(
     has_labels = True
 
     for pack in packs:
-        pack = pack.to(device, non_blocking=True)
+        pack = prepare_batch(pack, device)
         with autocast_context(device, amp):
             output = model(pack)
         logits = output.logits.float()

@@ -30,7 +30,7 @@ from torch import nn
 
 from mil.batch import PackedBatch
 from mil.checkpoint import Checkpoint, load_checkpoint
-from mil.engine import autocast_context
+from mil.engine import autocast_context, prepare_batch
 from mil.metrics import evaluate_predictions
 from mil.progress import progress_bars
 from mil.run_dir import RunLayout, prediction_rows, write_csv, write_json
@@ -201,7 +201,7 @@ def run_prediction(cfg: PredictConfig) -> PredictResult:
     with progress_bars(cfg.progress) as progress:
         advance = progress.start("predict", sum(len(pack) for pack in loader.plan.packs))
         for batch in loader:
-            batch = batch.to(device, non_blocking=True)
+            batch = prepare_batch(batch, device)
             batch_probs, attention = ensemble_forward(models, batch, device, cfg.amp)
             batch_probs_np = batch_probs.cpu().double().numpy()
             for index, (slide_id, bag_attention, rows) in enumerate(_per_bag(batch, attention)):
