@@ -123,9 +123,9 @@ def _chain_edges(edges: np.ndarray) -> list[tuple[int, Ring]]:
 def _split_at_repeated_vertices(ring: Ring) -> list[Ring]:
     """Split a closed ring that passes a vertex twice into simple closed loops.
 
-    A region whose boundary touches itself at a corner (two of its pixels meet only
-    diagonally around an enclosed background area) is traced as one ring through that corner
-    twice; OGC validity needs that as an exterior plus a hole touching it at one point.
+    A region whose boundary touches itself at a corner is traced as one ring through that
+    corner twice. This happens when two of its pixels meet only diagonally around an enclosed
+    background area. OGC validity needs that as an exterior plus a hole touching it at a point.
     """
     loops: list[Ring] = []
     stack: Ring = []

@@ -4,7 +4,7 @@ A tile is `tile_px` pixels at `target_mpp`; its level-0 footprint is
 ``tile_px * target_mpp / slide_mpp`` pixels (a float). Neighbouring tiles start
 ``(tile_px - overlap_px) * target_mpp / slide_mpp`` level-0 pixels apart. The grid starts at
 the top-left corner of the scanned area and continues until a tile reaches its bottom-right
-edge; tiles that stick out past the slide edge are read with white padding.
+edge. Tiles that stick out past the slide edge are read with white padding.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def tissue_fractions(
 ) -> np.ndarray:
     """Fraction of each tile's footprint covered by tissue, with sub-pixel accuracy.
 
-    Uses the summed-area table of the mask; for a mask that is constant on each pixel,
-    bilinear interpolation of that table gives the exact covered area of any box.
+    Uses the summed-area table of the mask. The mask is constant on each pixel, so bilinear
+    interpolation of that table gives the exact covered area of any box.
 
     Args:
         coords: int [N, 2] level-0 (x, y) top-left corners.

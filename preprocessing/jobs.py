@@ -1,8 +1,8 @@
 """The one per-slide runner every stage uses: lock → run → release → manifest row.
 
 Several processes (a SLURM job array, or a few workers on one machine) may share one slide list
-and one output folder. Each slide is claimed with a lock file created with ``O_CREAT | O_EXCL``
-and holding pid, host and time; a background thread refreshes the lock's mtime while its holder
+and one output folder. Each slide is claimed with a lock file created with ``O_CREAT | O_EXCL``,
+which contains pid, host and time. A background thread refreshes the lock's mtime while its owner
 works. A lock is stale, and broken, when its holder is a dead process on this host or when its
 mtime is older than `stale_after_s`. After taking a lock the runner checks the slide's output
 again, so a slide finished by another process in the meantime is not redone.
@@ -55,11 +55,13 @@ FAILED_STATUS = "failed"
 #: Seconds between lock refreshes, and the default age after which a lock counts as stale.
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0
+#: Seconds between manifest rebuilds during a run (it is always rebuilt at the end).
+MANIFEST_REFRESH_S = 30.0
 
 
 @dataclass(frozen=True)
 class SlideOutcome:
-    """What a stage's per-slide function returns.
+    """Result of a stage's per-slide function.
 
     Attributes:
         status: ``ok``, ``no_tissue`` or ``partial``.
@@ -80,7 +82,7 @@ class StageResult:
         manifest_path: the stage's ``manifest.csv``.
         n_ok: slides processed in this run (status ok, no_tissue or partial).
         n_failed: slides that raised (including ``no_mpp``).
-        n_skipped: slides skipped because a complete output exists or another process holds them.
+        n_skipped: slides skipped because a complete output exists or another process locked them.
     """
 
     manifest_path: Path
@@ -112,9 +114,9 @@ def parse_shard(shard: str | None, environ: dict[str, str] | None = None) -> tup
     """Return (index, count) of this process's shard, 0 <= index < count.
 
     Args:
-        shard: ``"i/n"`` with a zero-based index, or None to read the SLURM job array variables
-            (``SLURM_ARRAY_TASK_ID`` relative to ``SLURM_ARRAY_TASK_MIN``, out of
-            ``SLURM_ARRAY_TASK_COUNT``); ``(0, 1)`` when neither is set.
+        shard: ``"i/n"`` with a zero-based index, or None to read the SLURM job array variables.
+            Then the index is ``SLURM_ARRAY_TASK_ID`` minus ``SLURM_ARRAY_TASK_MIN`` and the count
+            is ``SLURM_ARRAY_TASK_COUNT``. Without either, the result is ``(0, 1)``.
         environ: environment to read instead of ``os.environ`` (tests).
 
     Raises:
@@ -160,8 +162,8 @@ def select_shard(slides: Sequence[SlideInput], index: int, count: int) -> list[S
 class SlideLock:
     """Lock file claiming one slide for one process.
 
-    The file holds JSON with pid, host, time and a random token; `release` removes it only if
-    the token is still ours, so a lock broken by another process is never removed by mistake.
+    The file contains JSON with pid, host, time and a random token. `release` removes it only
+    if the token is still ours, so a lock broken by another process is never removed by mistake.
     """
 
     def __init__(self, path: Path, stale_after_s: float = STALE_AFTER_S) -> None:
@@ -415,13 +417,14 @@ def run_slides(
     with _progress(stage, progress) as bar:
         task = bar.add_task(stage, total=len(selected), tiles=0, current="")
         n_tiles = 0
+        last_manifest = time.monotonic()
         try:
             for slide in selected:
                 bar.update(task, current=slide.slide_id)
                 lock = SlideLock(locks_dir / f"{slide.slide_id}.lock", stale_after_s)
                 with _claimed(lock) as acquired:
                     if not acquired:
-                        logger.info("%s: skipped, another process holds its lock", slide.slide_id)
+                        logger.info("%s: skipped, locked by another process", slide.slide_id)
                         n_skipped += 1
                     elif is_done(slide):
                         logger.debug("%s: skipped, complete output exists", slide.slide_id)
@@ -439,6 +442,9 @@ def run_slides(
                             if not skip_errors:
                                 raise error
                 bar.update(task, advance=1, tiles=n_tiles)
+                if time.monotonic() - last_manifest > MANIFEST_REFRESH_S:
+                    write_manifest(output_dir, stage)
+                    last_manifest = time.monotonic()
         finally:
             manifest = write_manifest(output_dir, stage)
 

@@ -100,11 +100,11 @@ def resolve_mpp(
     return MppResult(None, None, tuple(rejected))
 
 
-def validate_user_mpp(value: float, what: str) -> float:
+def validate_user_mpp(value: float, name: str) -> float:
     """Return `value` as float, raising ValueError unless it is finite and positive."""
     mpp = float(value)
     if not (math.isfinite(mpp) and mpp > 0):
-        raise ValueError(f"{what} must be a positive number of µm per pixel, got {value!r}")
+        raise ValueError(f"{name} must be a positive number of µm per pixel, got {value!r}")
     return mpp
 
 

@@ -31,7 +31,7 @@ BAND_PIXELS = 8_000_000
 
 
 class Reader(Protocol):
-    """What `Slide` needs from a pixel reader. Coordinates of `location` are level-0 (x, y)."""
+    """Interface of the pixel readers behind `Slide`; `location` is always level-0 (x, y)."""
 
     name: str
     level_dimensions: tuple[tuple[int, int], ...]
@@ -226,9 +226,9 @@ class TiffReader:
     def _pyramid(self, series: Any) -> list[tuple[Any, int]]:
         """(series, level index) of each pyramid level, finest first.
 
-        tifffile groups levels itself for most layouts; when it does not (reduced pages or
-        SubIFDs with non-integer downsamples), later series flagged as reduced-resolution
-        images with level 0's axes and aspect ratio are taken as further levels.
+        tifffile groups levels itself for most layouts, but not for reduced pages or SubIFDs
+        with non-integer downsamples. In that case, later series flagged as reduced-resolution
+        images with level 0's axes and aspect ratio become further levels.
         """
         levels = [(series, index) for index in range(len(series.levels))]
         if len(levels) > 1:
@@ -261,8 +261,8 @@ class TiffReader:
         if len(order) == 3:
             index[order[2]] = slice(None)
         data = np.asarray(array[tuple(index)])
-        kept = [axis for axis in range(array.ndim) if isinstance(index[axis], slice)]
-        data = np.transpose(data, [kept.index(axis) for axis in order])
+        sliced_axes = [axis for axis in range(array.ndim) if isinstance(index[axis], slice)]
+        data = np.transpose(data, [sliced_axes.index(axis) for axis in order])
         return data if data.ndim == 3 else data[..., None]
 
     def _measure_value_range(self) -> tuple[float, float]:
@@ -433,8 +433,8 @@ def _open_with_tifffile(path: Path, openslide_reason: str) -> Reader:
             f"{type(err).__name__}: {err}. {hint}"
         ) from err
 
-    # Opening parses headers only; decode one region now so that an unsupported compression
-    # is reported as an unreadable slide instead of failing later on every tile.
+    # Opening parses headers only. Decoding one region now reports an unsupported compression
+    # as an unreadable slide instead of a failure on every tile later.
     smallest = len(reader.level_dimensions) - 1
     try:
         reader.read_region((0, 0), smallest, (1, 1))

@@ -3,8 +3,8 @@
 Per slide it writes, in `output_dir`:
 
 - ``<slide_id>.h5``: coords store (dataset ``coords`` int64 [N, 2], level-0 top-left (x, y))
-  with the attributes listed in `coords_attrs`; written last, so a complete store implies the
-  files below exist;
+  with the attributes listed in `coords_attrs`. It is written last, so a complete store implies
+  that the files below exist;
 - ``qc/<slide_id>.png``: thumbnail with the tissue outline and the kept tiles;
 - ``tissue/<slide_id>.geojson``: tissue polygons in level-0 pixels (QuPath annotations);
 
@@ -39,7 +39,7 @@ from preprocessing.tissue import TissueMask, TissueMethod, TissueSettings, detec
 logger = logging.getLogger(__name__)
 
 STAGE = "tile"
-#: Longest side of the tissue-detection thumbnail, which bounds its memory and time.
+#: Maximum side of the tissue-detection thumbnail in pixels, which bounds its memory and time.
 MAX_THUMBNAIL_SIDE = 8192
 #: A tile footprint spans at least this many thumbnail pixels, so tissue fractions are fine-grained.
 MIN_THUMBNAIL_PX_PER_TILE = 8.0
@@ -54,24 +54,34 @@ class TilingConfig(BaseModel):
 
     slides: str = Field(description="Folder, glob pattern or CSV (column 'path') of slides.")
     output_dir: Path = Field(description="Folder for coords stores, QC images and manifest.")
-    target_mpp: float = Field(0.5, gt=0, description="µm per pixel of the tiles.")
-    tile_px: int = Field(224, ge=8, description="Tile side in pixels at target_mpp.")
-    overlap_px: int = Field(0, ge=0, description="Overlap of neighbouring tiles, px at target_mpp.")
-    mpp: float | None = Field(None, gt=0, description="µm per level-0 pixel for slides without.")
-    mpp_csv: Path | None = Field(None, description="CSV 'slide_id,mpp' of per-slide overrides.")
+    target_mpp: float = Field(default=0.5, gt=0, description="µm per pixel of the tiles.")
+    tile_px: int = Field(default=224, ge=8, description="Tile side in pixels at target_mpp.")
+    overlap_px: int = Field(
+        default=0, ge=0, description="Overlap of neighbouring tiles, px at target_mpp."
+    )
+    mpp: float | None = Field(
+        default=None, gt=0, description="µm per level-0 pixel for slides without."
+    )
+    mpp_csv: Path | None = Field(
+        default=None, description="CSV 'slide_id,mpp' of per-slide overrides."
+    )
     level_tolerance: float = Field(
-        0.05, ge=0, lt=1, description="Relative slack when picking the level to read from."
+        default=0.05, ge=0, lt=1, description="Relative slack when picking the level to read from."
     )
     tissue_method: TissueMethod = "auto"
-    tissue_threshold: float | None = Field(None, ge=0, le=255)
-    tissue_mpp: float = Field(4.0, gt=0, description="µm per pixel of the detection thumbnail.")
-    smoothing_um: float = Field(16.0, ge=0)
-    min_tissue_area_um2: float = Field(10_000.0, ge=0)
-    min_hole_area_um2: float = Field(2_500.0, ge=0)
+    tissue_threshold: float | None = Field(default=None, ge=0, le=255)
+    tissue_mpp: float = Field(
+        default=4.0, gt=0, description="µm per pixel of the detection thumbnail."
+    )
+    smoothing_um: float = Field(default=16.0, ge=0)
+    min_tissue_area_um2: float = Field(default=10_000.0, ge=0)
+    min_hole_area_um2: float = Field(default=2_500.0, ge=0)
     remove_pen_marks: bool = False
-    min_tissue_fraction: float = Field(0.25, ge=0, le=1)
-    verify_tiles: bool = Field(False, description="Decode every kept tile; drop unreadable ones.")
-    max_bad_tile_fraction: float = Field(0.05, ge=0, le=1)
+    min_tissue_fraction: float = Field(default=0.25, ge=0, le=1)
+    verify_tiles: bool = Field(
+        default=False, description="Decode every kept tile; drop unreadable ones."
+    )
+    max_bad_tile_fraction: float = Field(default=0.05, ge=0, le=1)
     recursive: bool = False
     overwrite: bool = False
     skip_errors: bool = True
@@ -87,7 +97,7 @@ class TilingConfig(BaseModel):
         return self
 
     def tissue_settings(self) -> TissueSettings:
-        """The tissue detection part of the config."""
+        """Return the tissue detection settings of this config."""
         return TissueSettings(
             method=self.tissue_method,
             threshold=self.tissue_threshold,
@@ -247,7 +257,7 @@ def _detection_thumbnail(
 
     Its resolution is `tissue_mpp`, made finer when a tile would span fewer than
     `MIN_THUMBNAIL_PX_PER_TILE` pixels and coarser when its side would exceed
-    `MAX_THUMBNAIL_SIDE`; it is never finer than level 0.
+    `MAX_THUMBNAIL_SIDE`. It is never finer than level 0.
     """
     width, height = slide.dimensions
     downsample = tissue_mpp / slide.require_mpp()
