@@ -7,9 +7,9 @@ different fold assignments. Reported per data set and model: the mean test accur
 one repeat divided by sqrt(folds), averaged over repeats.
 
 Architecture as in Ilse, Tomczak and Welling, "Attention-based Deep Multiple Instance Learning"
-(ICML 2018) for these data sets: each instance goes through fc-256 + ReLU + dropout, then the
-model's own embedding (fc-128 + ReLU + dropout), then attention pooling with 64 hidden units
-and a linear classifier. Features are standardised with the training folds' instance mean and
+(ICML 2018) for these data sets. Each instance goes through fc-256 + ReLU + dropout and then the
+model's own embedding (fc-128 + ReLU + dropout). Attention pooling with 64 hidden units and a
+linear classifier follow. Features are standardised with the training folds' instance mean and
 standard deviation. Training uses slidemil's train loop (`mil.engine.train_epoch`): several bags
 per optimizer step in one packed batch, AdamW with warm-up + cosine, gradient clipping.
 
@@ -108,7 +108,7 @@ class InstanceMLP(MILModel):
 
 
 def build_model(name: str, in_dim: int, dropout: float) -> MILModel:
-    """The benchmark model `name` for `in_dim` features and two classes."""
+    """Build the benchmark model `name` for `in_dim` features and two classes."""
     hidden = 256
     if name == "abmil":
         head: MILModel = AttentionMIL(hidden, 2, embed_dim=128, attention_dim=64, dropout=dropout)

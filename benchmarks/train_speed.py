@@ -74,7 +74,7 @@ def write_synthetic_stores(folder: Path, n_bags: int, dim: int, min_tiles: int, 
 
 
 def one_bag_batches(dataset: BagDataset, seed: int, epoch: int) -> list[PackedBatch]:
-    """Every bag alone in its batch, in a seeded random order (all tiles, no padding)."""
+    """Put every bag alone in a batch, in a seeded random order (all tiles, no padding)."""
     order = np.random.default_rng([seed, epoch]).permutation(len(dataset))
     batches = []
     for index in order.tolist():

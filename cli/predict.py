@@ -16,7 +16,7 @@ _COMPUTE = "Compute"
 
 
 class CheckpointChoice(StrEnum):
-    """Which checkpoint of each fold and seed."""
+    """Checkpoint used from each fold and seed."""
 
     best = "best"
     last = "last"

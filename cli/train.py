@@ -20,7 +20,7 @@ _COMPUTE = "Compute"
 
 
 class SplitChoice(StrEnum):
-    """How slides are split into train, validation and test."""
+    """Source of the train, validation and test split."""
 
     auto = "auto"
     column = "column"
@@ -30,7 +30,7 @@ class SplitChoice(StrEnum):
 
 
 class BalanceChoice(StrEnum):
-    """How class imbalance is handled."""
+    """Remedy for class imbalance."""
 
     class_weights = "class_weights"
     sampler = "sampler"
@@ -107,7 +107,7 @@ def command(
     ] = None,
     overwrite: Annotated[
         bool | None,
-        typer.Option(help="Replace a run directory that holds another run.",
+        typer.Option(help="Replace a run directory that contains another run.",
                      rich_help_panel=_INPUT),
     ] = None,
     model: Annotated[
@@ -272,6 +272,10 @@ def command(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(code=1) from err
 
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports for every process
     if result.reused:
         console.print(f"train: reused the finished run in {result.run_dir}")
     console.print(f"train: {result}")

@@ -1,8 +1,9 @@
 """Data-parallel training with `torchrun`: process group set-up, sharding and reductions.
 
-`torchrun --nproc-per-node G [--nnodes N ...] -m cli.main train ...` starts one process per
-GPU and sets RANK, LOCAL_RANK and WORLD_SIZE. Each process trains on its own share of the
-packs of a step, DistributedDataParallel averages gradients, and rank 0 alone writes files.
+`torchrun --nproc-per-node G [--nnodes N ...] --no-python slidemil train ...` starts one
+process per GPU and sets RANK, LOCAL_RANK and WORLD_SIZE. Each process trains on its own share
+of the packs of a step, DistributedDataParallel averages gradients, and only rank 0 writes
+files.
 Without those variables everything here is a no-op and training runs in one process.
 """
 
@@ -25,7 +26,7 @@ ItemT = TypeVar("ItemT")
 
 @dataclass(frozen=True)
 class DistributedContext:
-    """Where this process sits in the job.
+    """Position of this process in the job.
 
     Attributes:
         rank: global rank, 0..world_size-1.
@@ -46,7 +47,7 @@ class DistributedContext:
 
 
 def is_distributed() -> bool:
-    """Whether a process group is initialised with more than one process."""
+    """Return whether a process group with more than one process is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -76,7 +77,7 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> Distri
 
 
 def resolve_device(device: str) -> torch.device:
-    """The torch device for "auto", "cpu", "cuda" or "cuda:N"."""
+    """Return the torch device for "auto", "cpu", "cuda" or "cuda:N"."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
@@ -88,7 +89,7 @@ def resolve_device(device: str) -> torch.device:
 def wrap_model(
     model: nn.Module, context: DistributedContext, find_unused_parameters: bool = False
 ) -> nn.Module:
-    """The model on its device, wrapped in DistributedDataParallel when several processes run.
+    """Move the model to its device and wrap it in DistributedDataParallel under torchrun.
 
     Set `find_unused_parameters` for models that skip some parameters in a step; DDP then
     raises a message naming them when it is left unset.

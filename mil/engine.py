@@ -114,8 +114,8 @@ def drop_padding(batch: PackedBatch) -> PackedBatch:
     """The batch without its padding rows (T becomes the number of valid rows).
 
     Padding contributes exactly 0 to every output, so this changes no result. The fixed pack
-    length only helps on CUDA (static shapes for compiled kernels); on the CPU the padding
-    rows would still go through every linear layer, so the CPU paths drop them.
+    length only helps on CUDA, where compiled kernels want static shapes. On the CPU the
+    padding rows would still go through every linear layer, so the CPU paths drop them.
     """
     segments = batch.segments
     valid = segments.num_valid

@@ -1,9 +1,9 @@
 """Slide-level classification metrics with bootstrap confidence intervals.
 
 Every metric takes the true class indices `y_true` [N] and the predicted class probabilities
-`probs` [N, C] of N slides. The class predicted for a slide is the argmax of its probabilities,
-except for two classes, where the positive class (index 1) is predicted when its probability
-is at least the decision threshold (0.5 unless one was chosen on validation data).
+`probs` [N, C] of N slides. The class predicted for a slide is the argmax of its probabilities.
+For two classes, the positive class (index 1) is predicted when its probability is at least
+the decision threshold, which is 0.5 unless one was chosen on validation data.
 """
 
 from __future__ import annotations
@@ -253,8 +253,8 @@ def bootstrap_ci(
 ) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap interval of each metric over resampled slides.
 
-    Resamples where a metric is undefined (AUROC of a resample holding one class) are left out
-    of that metric's interval; a metric undefined in every resample gets (NaN, NaN).
+    Resamples where a metric is undefined (AUROC of a resample with one class) are left out
+    of that metric's interval. A metric undefined in every resample gets (NaN, NaN).
     """
     rng = np.random.default_rng(seed)
     n = len(y_true)
@@ -277,7 +277,7 @@ def bootstrap_ci(
 
 
 def is_better(metric: str, value: float, best: float | None) -> bool:
-    """Whether `value` improves on `best` for early stopping (`loss` lower, others higher)."""
+    """Return whether `value` improves on `best` (`loss` must be lower, other metrics higher)."""
     if math.isnan(value):
         return False
     if best is None or math.isnan(best):

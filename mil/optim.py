@@ -58,7 +58,7 @@ def build_scheduler(
     """Per-step warm-up then cosine decay over `epochs` epochs of `steps_per_epoch` steps.
 
     NOTE: packs are re-planned every epoch, so the number of steps per epoch can vary a
-    little; the schedule uses the first epoch's count and holds the floor after its end.
+    little; the schedule uses the first epoch's count and stays at the floor after its end.
     """
     total = max(steps_per_epoch * epochs, 1)
     warmup = round(warmup_epochs * steps_per_epoch)
@@ -69,7 +69,7 @@ def build_scheduler(
 
 @dataclass
 class EarlyStopping:
-    """Track the best validation value and say when to stop.
+    """Early stopping state: the best validation value and its epoch.
 
     Attributes:
         metric: metric name; `loss` is minimised, every other metric maximised.
@@ -93,7 +93,7 @@ class EarlyStopping:
         return False
 
     def should_stop(self, epoch: int) -> bool:
-        """Whether `patience` epochs have passed since the best one (and `min_epochs` are done)."""
+        """Return whether `patience` epochs passed since the best one and `min_epochs` are done."""
         if epoch < self.min_epochs or self.best_epoch == 0:
             return False
         return epoch - self.best_epoch >= self.patience

@@ -74,7 +74,7 @@ class PredictConfig(BaseModel):
 
 @dataclass
 class PredictResult:
-    """What `run_prediction` wrote.
+    """Outputs and counts of one `run_prediction` call.
 
     Attributes:
         predictions_path: the predictions CSV.
@@ -181,7 +181,7 @@ def run_prediction(cfg: PredictConfig) -> PredictResult:
         raise ConfigError(f"no feature store in {cfg.features_dir} for slide(s) {missing[:5]}; "
                           "run `slidemil extract` for them or remove them from `slides`")
     if not slide_ids:
-        raise ConfigError(f"{cfg.features_dir} holds no feature stores; run `slidemil extract`")
+        raise ConfigError(f"{cfg.features_dir} contains no feature stores; run `slidemil extract`")
 
     device = resolve_device(cfg.device)
     dataset = BagDataset(cfg.features_dir, slide_ids=slide_ids)

@@ -80,8 +80,8 @@ def prediction_rows(
     threshold: float = 0.5,
     labels: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    """One dict per slide: id, true label (when known), predicted class, its probability and
-    the probability of every class (columns `prob_<class>`)."""
+    """Build one CSV row per slide: id, true label (when known), predicted class, its
+    probability and the probability of every class (columns `prob_<class>`)."""
     predicted = predict_classes(probs, threshold)
     rows = []
     for index, slide_id in enumerate(bag_ids):
@@ -100,7 +100,10 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[s
               ) -> None:
     """Write rows as CSV atomically; columns default to the keys of the first row."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = list(columns) if columns is not None else (list(rows[0]) if rows else [])
+    if columns is not None:
+        header = list(columns)
+    else:
+        header = list(rows[0]) if rows else []
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")

@@ -146,7 +146,7 @@ class MemberResult:
 
 @dataclass
 class TrainResult:
-    """What `run_training` produced.
+    """Models and summary of one `run_training` call.
 
     Attributes:
         run_dir: the run directory.
@@ -178,7 +178,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     holding another config is an error unless `overwrite` is set.
 
     Raises:
-        ConfigError: labels, splits or options are invalid, or the run directory holds another run.
+        ConfigError: labels, splits or options are invalid, or the run directory contains
+            another run.
     """
     from mil.train_loop import TrainingSession
 
@@ -264,7 +265,7 @@ def class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
-    """The resolved config.yaml of a run directory."""
+    """Read the resolved config.yaml of a run directory."""
     path = RunLayout(Path(run_dir)).config
     try:
         content = yaml.safe_load(path.read_text())

@@ -148,14 +148,14 @@ class TrainingSession:
             return None
         if differing:
             raise ConfigError(
-                f"{layout.root} already holds a run with another config (differs in: "
+                f"{layout.root} already contains a run with another config (differs in: "
                 f"{', '.join(differing)}); choose another run_dir or set overwrite to replace it"
             )
         if layout.metrics.exists():
             import json
 
             summary = json.loads(layout.metrics.read_text())
-            logger.info("%s already holds this finished run; reusing it (set overwrite to "
+            logger.info("%s already contains this finished run; reusing it (set overwrite to "
                         "retrain)", layout.root)
             members = [
                 MemberResult(split_name=m["split"], seed=m["seed"], best_epoch=m["best_epoch"],
@@ -165,7 +165,7 @@ class TrainingSession:
                 for m in summary.get("models", [])
             ]
             return TrainResult(layout.root, members, summary, reused=True)
-        logger.warning("%s holds an unfinished run with this config; training it again",
+        logger.warning("%s contains an unfinished run with this config; training it again",
                        layout.root)
         return None
 
