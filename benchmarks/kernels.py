@@ -262,7 +262,7 @@ def main() -> None:
     parser.add_argument(
         "--attention-tiles",
         type=int,
-        default=16_384,
+        default=4096,
         help="tiles for the sequence-attention cases (full attention is quadratic per bag)",
     )
     parser.add_argument("--heads", type=int, default=8)

@@ -1,9 +1,9 @@
 """Multi-head attention over packed bags: softmax, linear and sparse kinds, several backends.
 
-Queries attend only to keys of their own bag. Self-attention uses one `Segments` for both sides;
-cross attention (agent tokens, Nyström landmarks, class tokens) passes separate query and key
-segments with the same number of bags. Query rows outside every bag (padding) output exactly 0,
-and so do queries whose bag has no keys.
+Queries attend only to keys of their own bag. Self-attention uses one `Segments` for both sides.
+Cross attention (agent tokens, Nyström landmarks, class tokens) passes separate query and key
+segments, which must have the same number of bags. Query rows outside every bag (padding)
+output exactly 0, and so do queries whose bag has no keys.
 
 Backends:
     reference: a Python loop of `scaled_dot_product_attention` per bag (softmax), per-bag

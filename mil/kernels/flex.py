@@ -1,9 +1,9 @@
 """FlexAttention backend: document masks over packs, score modifiers, routed sparse masks.
 
-The document mask (a query sees only keys of its own bag, padding sees nothing) depends only on
-the pack, so its `BlockMask` is built once per (query pack, key pack, device) and cached beside
-the `Segments`; every layer of a model reuses it. Routed sparse masks depend on the inputs and
-are built per call.
+The document mask (a query attends only to keys of its own bag, padding attends to nothing)
+depends only on the pack. Its `BlockMask` is therefore built once per (query pack, key pack,
+device) and cached beside the `Segments`, and every layer of a model reuses it. Routed sparse
+masks depend on the inputs and are built per call.
 
 On CUDA, `flex_attention` is wrapped in `torch.compile` on first use (a fused kernel). On the
 CPU it runs eagerly: the unfused path materialises the [H, Tq, Tk] score matrix and, as of
@@ -57,6 +57,8 @@ def _run_flex(
 ) -> torch.Tensor:
     """Call flex_attention on [T, H, D] tensors as one batch of length T; returns [Tq, H, Dv]."""
     flex = _flex_module()
+    if q.shape[0] == 0 or k.shape[0] == 0:
+        return q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))
     if (
         q.device.type == "cpu"
         and torch.is_grad_enabled()
@@ -142,6 +144,8 @@ def flex_document_attention(
     Returns:
         [Tq, H, Dv]; padding rows and queries of a bag without keys are 0.
     """
+    if q_segments.num_valid == 0 or kv_segments.num_valid == 0:
+        return q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))
     block_mask = document_block_mask(q_segments, kv_segments, q.device)
     k = _zero_padding(k, kv_segments.num_valid)
     v = _zero_padding(v, kv_segments.num_valid)
@@ -169,6 +173,8 @@ def flex_routed_attention(
         [Tq, H, Dv]; padding rows are 0.
     """
     flex = _flex_module()
+    if q_groups.num_groups == 0 or kv_groups.num_groups == 0 or routes.shape[1] == 0:
+        return q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))
     device = q.device
     num_q_regions, num_kv_regions = q_groups.num_groups, kv_groups.num_groups
     # Region table with one extra row and column for padding, which routes nowhere.

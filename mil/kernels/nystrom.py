@@ -117,6 +117,8 @@ def nystrom_attention(
     """
     scale = default_scale(q.shape[-1], scale)
     groups = groups_by_count(segments, num_landmarks)
+    if groups.num_groups == 0:  # every bag is empty
+        return q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))
     landmark_segments = groups.per_bag  # B bags over G landmark rows
     q_landmarks = segment_reduce(q, groups.rows, "mean")  # [G, H, Dh]
     k_landmarks = segment_reduce(k, groups.rows, "mean")

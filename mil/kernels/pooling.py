@@ -8,6 +8,7 @@ an output and the number of bags costs no Python loop.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -156,7 +157,7 @@ class _WeightedSegmentSum(torch.autograd.Function):
         num_bags, num_branches = ctx.num_bags, weights.shape[1]
         grad_values = grad_weights = None
         if num_bags * num_branches <= DENSE_COLUMNS_MAX:
-            flat_grad = grad_pooled.reshape(num_bags * num_branches, -1)  # [B*K, D]
+            flat_grad = grad_pooled.reshape(num_bags * num_branches, values.shape[1])  # [B*K, D]
             if ctx.needs_input_grad[0]:
                 grad_values = _place_weights(weights, ids, num_bags) @ flat_grad
             if ctx.needs_input_grad[1]:
@@ -224,7 +225,8 @@ def segment_reduce(
     ids = _valid_ids(segments, values.device)
     num_bags = segments.num_segments
     feature_shape = values.shape[1:]
-    flat = _valid_rows(values, segments).reshape(segments.num_valid, -1)  # [n, F]
+    features = math.prod(feature_shape)
+    flat = _valid_rows(values, segments).reshape(segments.num_valid, features)  # [n, F]
 
     if reduce == "max":
         index = ids.unsqueeze(1).expand_as(flat)

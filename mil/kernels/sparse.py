@@ -1,7 +1,7 @@
 """Sparse attention inside each bag: block-local and routed (bi-level routing) attention.
 
-Each bag is cut into regions of `region_size` consecutive rows; the last region of a bag may be
-shorter and no region crosses a bag boundary.
+Each bag is cut into regions of `region_size` consecutive rows. The last region of a bag may be
+shorter, and no region crosses a bag boundary.
 
 - block: every query attends to the keys of its own region only.
 - routed: bi-level routing attention of BiFormer (Zhu et al., "BiFormer: Vision Transformer with
@@ -51,9 +51,10 @@ def route_regions(
         return torch.full((num_q_regions, width), -1, dtype=torch.int64, device=q.device)
 
     with torch.no_grad():
-        q_regions = segment_reduce(q.detach().flatten(1), q_groups.rows, "mean")  # [Rq, H*Dh]
-        k_regions = segment_reduce(k.detach().flatten(1), kv_groups.rows, "mean")  # [Rk, H*Dh]
-        affinity = (q_regions @ k_regions.T).float()  # [Rq, Rk]
+        # Routing in float32 whatever the input dtype, so every backend picks the same regions.
+        q_regions = segment_reduce(q.detach().float().flatten(1), q_groups.rows, "mean")
+        k_regions = segment_reduce(k.detach().float().flatten(1), kv_groups.rows, "mean")
+        affinity = q_regions @ k_regions.T  # [Rq, Rk]
         q_bag = q_groups.per_bag.segment_ids().to(q.device)
         kv_bag = kv_groups.per_bag.segment_ids().to(q.device)
         same_bag = q_bag.unsqueeze(1) == kv_bag.unsqueeze(0)
@@ -90,9 +91,10 @@ def routed_attention_gather(
 ) -> torch.Tensor:
     """Attend from each query region to the keys of its routed regions, all regions at once.
 
-    Gathers the queries of each region into [Rq, S, H, Dh] and the keys/values of its routed
-    regions into [Rq, topk * Sk, H, D], runs one batched `scaled_dot_product_attention` with a
-    key mask, and scatters the result back to the pack's rows. Memory is O(Tq * topk * Sk * H * D).
+    The queries of each region are gathered into [Rq, S, H, Dh] and the keys and values of its
+    routed regions into [Rq, topk * Sk, H, D]. One batched `scaled_dot_product_attention` with a
+    key mask follows, and its result is scattered back to the pack's rows. Memory is
+    O(Tq * topk * Sk * H * D).
 
     Args:
         q: [Tq, H, Dh]; k: [Tk, H, Dh]; v: [Tk, H, Dv].
