@@ -163,6 +163,8 @@ def read_mpp_csv(path: Path) -> dict[str, float]:
     return overrides
 
 
+# NOTE: a DICOM slide is a folder of .dcm instances (one per level), and a folder or glob
+# listing makes each instance its own slide. List one file per DICOM slide in a CSV instead.
 def _is_slide_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in SLIDE_EXTENSIONS
 

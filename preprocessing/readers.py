@@ -266,6 +266,7 @@ class TiffReader:
         return data if data.ndim == 3 else data[..., None]
 
     def _measure_value_range(self) -> tuple[float, float]:
+        # NOTE: a single-level wide-sample TIFF is decoded once in full here (in bands).
         level = len(self._levels) - 1
         width, height = self.level_dimensions[level]
         rows = max(1, BAND_PIXELS // max(width, 1))

@@ -246,6 +246,7 @@ def coords_attrs(
         "patch_size": int(cfg.tile_px),
         "patch_size_level0": int(round(geometry.tile_px_level0)),
         "target_magnification": magnification_from_mpp(cfg.target_mpp),
+        "level0_magnification": magnification_from_mpp(slide.require_mpp()),
         "overlap": int(cfg.overlap_px),
     }
 

@@ -41,6 +41,8 @@ DESIGN_ATTRS = {
     "complete",
     "patch_size",
     "patch_size_level0",
+    "target_magnification",
+    "level0_magnification",
 }
 
 
@@ -104,6 +106,7 @@ def test_stage_outputs(synthetic_folder: Path, tmp_path: Path) -> None:
     assert attrs["read_level"] == 0  # level 1 is 1.0 µm/px, coarser than 0.5
     assert attrs["patch_size"] == 128
     assert attrs["patch_size_level0"] == 256
+    assert attrs["level0_magnification"] == pytest.approx(40.0)
     assert (attrs["level0_width"], attrs["level0_height"]) == (3000, 2000)
     assert attrs["tissue_method"] == "saturation"
     assert int(rows["tissue"]["n_tiles"]) == store.n_tiles > 20
