@@ -144,8 +144,7 @@ def read_prtools_mat(path: Path) -> MILTable:
     lablist = _mat_field(dataset, "lablist", path)
     classes = _label_names(lablist)
     bag_field = _mat_field(_mat_field(dataset, "ident", path), "milbag", path).reshape(-1)
-    # Musk stores bag ids as fixed-width strings padded with spaces, the others as integers.
-    bag_of_row = [str(v).strip() for v in bag_field]
+    bag_of_row = [_bag_id_text(value) for value in bag_field]
     if not (len(features) == len(label_index) == len(bag_of_row)):
         raise StoreFormatError(
             f"{path}: {len(features)} data rows, {len(label_index)} labels and "
@@ -158,6 +157,17 @@ def read_prtools_mat(path: Path) -> MILTable:
         )
     bag_ids, bag_labels, bags = _group_bags(path, bag_of_row, label_index, features)
     return MILTable(name=path.stem, bag_ids=bag_ids, labels=bag_labels, bags=bags)
+
+
+def _bag_id_text(value: object) -> str:
+    """Bag id of one instance as text.
+
+    Musk stores bag ids as a character matrix padded with spaces, the Corel sets as integers,
+    and files written from a cell array give a 1-element array per instance.
+    """
+    while isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(-1)[0]
+    return str(value).strip()
 
 
 def _label_names(lablist: np.ndarray) -> tuple[str, ...] | None:
