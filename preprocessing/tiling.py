@@ -43,6 +43,8 @@ STAGE = "tile"
 MAX_THUMBNAIL_SIDE = 8192
 #: A tile footprint spans at least this many thumbnail pixels, so tissue fractions are fine-grained.
 MIN_THUMBNAIL_PX_PER_TILE = 8.0
+#: Unreadable tiles logged one by one per slide; further ones go into one summary line.
+MAX_LOGGED_BAD_TILES = 10
 #: Store attributes that must match the config for an existing store to be reused.
 GEOMETRY_ATTRS = ("target_mpp", "tile_px", "overlap_px", "min_tissue_fraction")
 
@@ -188,8 +190,8 @@ def tile_slide(
             coords, bad = _verify_tiles(slide, coords, geometry, read_level, cfg.tile_px)
 
         status, message = _status(len(coords), len(bad), cfg.max_bad_tile_fraction)
-        attrs = coords_attrs(slide, cfg, geometry, read_level, tissue, status)
-        attrs.update(tissue_mpp=thumbnail_mpp, n_grid_tiles=len(grid), n_bad_tiles=len(bad))
+        attrs = coords_attrs(slide, cfg, geometry, read_level, tissue, thumbnail_mpp, status)
+        attrs.update(n_grid_tiles=len(grid), n_bad_tiles=len(bad))
 
         polygons = mask_polygons(tissue.mask)
         geojson = tissue_geojson(
@@ -212,6 +214,7 @@ def coords_attrs(
     geometry: GridGeometry,
     read_level: int,
     tissue: TissueMask,
+    thumbnail_mpp: float,
     status: str,
 ) -> dict[str, Any]:
     """Coords store attributes: slidemil's names plus the TRIDENT/CLAM names that mean the same."""
@@ -234,7 +237,7 @@ def coords_attrs(
         "bounds": [int(v) for v in slide.bounds],
         "tissue_method": tissue.method,
         "tissue_threshold": float(tissue.threshold),
-        "tissue_mpp": float(cfg.tissue_mpp),  # replaced by the thumbnail's actual mpp
+        "tissue_mpp": float(thumbnail_mpp),
         "smoothing_um": float(cfg.smoothing_um),
         "min_tissue_area_um2": float(cfg.min_tissue_area_um2),
         "min_hole_area_um2": float(cfg.min_hole_area_um2),
@@ -283,7 +286,10 @@ def _bounds_mask(slide: Slide, scale: tuple[float, float], thumbnail: np.ndarray
 def _verify_tiles(
     slide: Slide, coords: np.ndarray, geometry: GridGeometry, read_level: int, tile_px: int
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Decode every tile; return the readable coords and the level-0 (x, y) of the others."""
+    """Decode every tile; return the readable coords and the level-0 (x, y) of the others.
+
+    The first `MAX_LOGGED_BAD_TILES` failures are logged one by one, the rest in one summary.
+    """
     keep = np.ones(len(coords), dtype=bool)
     bad: list[tuple[int, int]] = []
     for index, (x, y) in enumerate(coords.tolist()):
@@ -292,7 +298,17 @@ def _verify_tiles(
         except TileReadError as err:
             keep[index] = False
             bad.append((x, y))
-            logger.warning("%s: skipped tile at level-0 (%d, %d): %s", slide.slide_id, x, y, err)
+            if len(bad) <= MAX_LOGGED_BAD_TILES:
+                logger.warning(
+                    "%s: dropped tile at level-0 (%d, %d): %s", slide.slide_id, x, y, err
+                )
+    if len(bad) > MAX_LOGGED_BAD_TILES:
+        logger.warning(
+            "%s: %d more unreadable tiles dropped, at level-0 %s",
+            slide.slide_id,
+            len(bad) - MAX_LOGGED_BAD_TILES,
+            bad[MAX_LOGGED_BAD_TILES:],
+        )
     return coords[keep], bad
 
 
