@@ -201,6 +201,13 @@ def _read_slide_csv(path: Path) -> list[SlideInput]:
                     "as a positive number or leave the cell empty."
                 ) from err
         slide_id = (row.get("slide_id") or "").strip() or None
+        if slide_id is not None and (
+            "/" in slide_id or "\\" in slide_id or slide_id.startswith(".")
+        ):
+            raise ConfigError(
+                f"{path}, line {line}: invalid slide_id {slide_id!r}. Outputs are files named by "
+                "slide id, so it must not contain '/' or '\\' or start with '.'."
+            )
         slides.append(_input_for(slide_path, slide_id, mpp))
     return slides
 

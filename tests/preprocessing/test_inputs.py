@@ -58,6 +58,13 @@ def test_csv_with_relative_paths_ids_and_mpp(tmp_path: Path) -> None:
     assert slides[0].path == (tmp_path / "slides" / "one.svs").resolve()
 
 
+def test_csv_slide_id_must_be_a_file_name(tmp_path: Path) -> None:
+    table = tmp_path / "cohort.csv"
+    table.write_text("path,slide_id\na.svs,site/a\n")
+    with pytest.raises(ConfigError, match="line 2.*invalid slide_id 'site/a'"):
+        list_slides(table)
+
+
 def test_csv_without_path_column(tmp_path: Path) -> None:
     table = tmp_path / "cohort.csv"
     table.write_text("file,label\na.svs,1\n")
