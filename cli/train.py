@@ -231,6 +231,7 @@ def command(
     """Train one model per fold and seed; under `torchrun --no-python slidemil train` with DDP."""
     from pydantic import ValidationError
 
+    from mil.distributed import cleanup_distributed
     from mil.train import TrainConfig, load_train_config, run_training
     from preprocessing.errors import SlidemilError
 
@@ -266,11 +267,14 @@ def command(
                else TrainConfig.model_validate(overrides))
         result = run_training(cfg)
     except ValidationError as err:
+        cleanup_distributed()
         console.print(f"[red]error:[/red] invalid train options:\n{err}")
         raise typer.Exit(code=2) from err
     except SlidemilError as err:
+        cleanup_distributed()
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(code=1) from err
+    cleanup_distributed()
 
     import os
 
