@@ -212,7 +212,8 @@ def segment_reduce(
     """Reduce each bag's rows to one vector.
 
     Args:
-        values: [T, D] (or [T]) instance features; padding rows are ignored.
+        values: [T, D] (or [T], or [T, ...]) instance features; padding rows are ignored.
+            Integer and bool values are summed exactly; their mean is in the default float dtype.
         segments: bag boundaries of the pack.
         reduce: "mean", "max" or "sum". The gradient of "max" is split evenly between ties.
 
@@ -236,6 +237,13 @@ def segment_reduce(
         )
         return out.view(num_bags, *feature_shape)
 
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.int64)  # so that "sum" counts the True entries
+    if not flat.is_floating_point():
+        if reduce == "sum":  # integer counts stay exact in index_add_
+            out = flat.new_zeros((num_bags, flat.shape[1])).index_add_(0, ids, flat)
+            return out.view(num_bags, *feature_shape)
+        flat = flat.to(torch.get_default_dtype())
     if reduce == "mean":
         inverse_counts = [1.0 / max(n, 1) for n in segments.lengths]
         row_weights = torch.tensor(inverse_counts, dtype=flat.dtype, device=flat.device)[ids]

@@ -311,3 +311,13 @@ def test_reduce_max_gradient_goes_to_argmax() -> None:
 
     assert values.grad is not None
     assert values.grad.flatten().tolist() == [0.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+
+
+def test_reduce_integer_and_bool_values() -> None:
+    segments = Segments.from_lengths([2, 0, 3], total=6)
+    values = torch.tensor([1, 2, 3, 4, 5, 9])
+
+    assert segment_reduce(values, segments, "sum").tolist() == [3, 0, 12]
+    assert segment_reduce(values, segments, "mean").tolist() == [1.5, 0.0, 4.0]
+    assert segment_reduce(values, segments, "max").tolist() == [2, 0, 5]
+    assert segment_reduce(values > 2, segments, "sum").tolist() == [0, 0, 3]
