@@ -10,7 +10,7 @@ Weights are chosen by one string (``weights`` argument, ``--weights`` on the com
 
 * ``None`` or ``"pretrained"``: the preset's own weights (the Hugging Face hub through timm, or a
   file shipped by an installed package for presets that work offline);
-* ``"random"``: random initialisation, only when asked for by this name;
+* ``"random"``: random initialisation with a fixed seed, only when asked for by this name;
 * a path: a local checkpoint loaded with ``torch.load(weights_only=True)`` and strict key
   matching; its sha256 is recorded in every feature store.
 
@@ -45,6 +45,9 @@ H_OPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 H_OPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 
 Pooling = Literal["model", "cls_mean_patch"]
+
+#: Seed of the random initialisation behind ``weights="random"``.
+RANDOM_WEIGHTS_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -572,10 +575,18 @@ def create_backbone(name: str, weights: str | None = None) -> Backbone:
     choice = "pretrained" if weights in (None, "", "pretrained") else str(weights)
 
     if choice == "random":
-        model = _create_timm_model(preset, pretrained=False)
+        # A fixed seed makes "random" the same network in every run, so a resumed run matches
+        # the stores of the run before it; fork_rng keeps the caller's random state untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model = _create_timm_model(preset, pretrained=False)
         _remove_modules(model, preset)
         weights_id, sha256 = "random", None
-        logger.warning("Backbone %s uses RANDOM weights, as requested.", preset.name)
+        logger.warning(
+            "Backbone %s uses RANDOM weights (seed %d), as requested.",
+            preset.name,
+            RANDOM_WEIGHTS_SEED,
+        )
     elif choice == "pretrained" and preset.default_weights == "pretrained":
         # timm loads the full network, so truncation comes after the weights.
         model = _create_timm_model(preset, pretrained=True)

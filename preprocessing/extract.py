@@ -647,16 +647,31 @@ class _SlideExtractor:
     def store_path(self, slide: SlideInput) -> Path:
         return feature_store_path(self.out_dir, slide.slide_id, self.cfg.format)
 
+    def requested_settings(self) -> dict[str, Any]:
+        """Store attributes that must match for a finished store to count as done."""
+        return {
+            "weights": self.weights_id,
+            "dtype": self.cfg.dtype,
+            "tta_flips": self.cfg.tta_flips,
+        }
+
+    def settings_differences(self, path: Path) -> list[str]:
+        """Describe how a complete store's settings differ from this run's (empty if equal)."""
+        with open_feature_store(path) as store:
+            attrs = store.attrs
+        return [
+            f"{key} {attrs.get(key)!r} (this run: {value!r})"
+            for key, value in self.requested_settings().items()
+            if attrs.get(key) != value
+        ]
+
     def is_done(self, slide: SlideInput) -> bool:
         path = self.store_path(slide)
-        if not is_complete_store(path):
-            return False
-        with open_feature_store(path) as store:
-            return bool(store.attrs.get("weights") == self.weights_id)
+        return is_complete_store(path) and not self.settings_differences(path)
 
     def __call__(self, slide: SlideInput) -> SlideOutcome:
         path = self.store_path(slide)
-        self._reject_other_weights(path)
+        self._reject_other_settings(path)
         _remove_stale_temporaries(path)
         if not slide.path.exists():
             raise IncompleteStoreError(
@@ -712,15 +727,14 @@ class _SlideExtractor:
             status = "ok"
         return SlideOutcome(status=status, n_tiles=n_ok, message=message)
 
-    def _reject_other_weights(self, path: Path) -> None:
+    def _reject_other_settings(self, path: Path) -> None:
         if not is_complete_store(path):
             return
-        with open_feature_store(path) as store:
-            existing = store.attrs.get("weights")
+        differences = "; ".join(self.settings_differences(path))
         raise ConfigError(
-            f"{path}: a complete feature store made with weights {existing!r} exists, but this "
-            f"run uses {self.weights_id!r}. Delete the store or choose another --output-dir; "
-            "slidemil never overwrites features silently."
+            f"{path}: a complete feature store made with other settings exists: {differences}. "
+            "Delete the store or choose another --output-dir; slidemil never overwrites "
+            "features silently."
         )
 
     def _check_failed_fraction(

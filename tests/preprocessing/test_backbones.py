@@ -162,6 +162,22 @@ def test_random_weights_only_by_name() -> None:
         create_backbone(SMALL_TIMM_MODEL, weights="randon")
 
 
+def test_random_weights_are_seeded() -> None:
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+
+    first = create_backbone(SMALL_TIMM_MODEL, weights="random")
+    after = torch.rand(1)
+    second = create_backbone(SMALL_TIMM_MODEL, weights="random")
+
+    for (name, left), (_, right) in zip(
+        first.state_dict().items(), second.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(left, right, msg=name)
+    torch.testing.assert_close(before, after)
+
+
 def test_resnet50_trunc_is_layer3_average_pool() -> None:
     backbone = create_backbone("resnet50_trunc", weights="random")
     network = backbone.model

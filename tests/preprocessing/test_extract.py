@@ -243,9 +243,20 @@ def test_store_with_other_weights_kept(slide_path: Path, tmp_path: Path) -> None
     assert result.n_failed == 1
     row = read_rows(tmp_path / "features" / SMALL_MODEL, "extract")["cmu"]
     assert row.error_type == "config"
-    assert "weights 'random'" in row.message
+    assert "weights 'random' (this run: 'sha256:" in row.message
     with open_feature_store(store_path) as store:
         assert store.attrs["weights"] == "random"
+
+
+def test_store_with_other_dtype_kept(slide_path: Path, tmp_path: Path) -> None:
+    _write_coords(tmp_path / "tiles", slide_path, "cmu", n_tiles=2)
+    run_extraction(_config(tmp_path / "tiles", tmp_path / "features"))
+
+    result = run_extraction(_config(tmp_path / "tiles", tmp_path / "features", dtype="float32"))
+
+    assert result.n_failed == 1
+    row = read_rows(tmp_path / "features" / SMALL_MODEL, "extract")["cmu"]
+    assert "dtype 'float16' (this run: 'float32')" in row.message
 
 
 def test_missing_and_incomplete_coords_fail(slide_path: Path, tmp_path: Path) -> None:
