@@ -123,10 +123,10 @@ def test_stage_outputs(synthetic_folder: Path, tmp_path: Path) -> None:
         (x, y): float((truth(x + offsets, y + offsets).min(axis=2) < 250).mean())
         for x, y in grid.tolist()
     }
-    kept = set(map(tuple, coords.tolist()))
-    assert kept <= set(fractions)
-    assert min(fractions[c] for c in kept) > 0.15
-    assert max(f for c, f in fractions.items() if c not in kept) < 0.35
+    kept_tiles = set(map(tuple, coords.tolist()))
+    assert kept_tiles <= set(fractions)
+    assert min(fractions[c] for c in kept_tiles) > 0.15
+    assert max(f for c, f in fractions.items() if c not in kept_tiles) < 0.35
 
     empty = read_coords_store(output_dir / "empty.h5")
     assert empty.n_tiles == 0
@@ -136,7 +136,8 @@ def test_stage_outputs(synthetic_folder: Path, tmp_path: Path) -> None:
     assert geojson["type"] == "FeatureCollection"
     assert len(geojson["features"]) >= 1
     xs = [p[0] for f in geojson["features"] for p in f["geometry"]["coordinates"][0]]
-    assert 0 <= min(xs) and max(xs) <= 3000
+    assert min(xs) >= 0
+    assert max(xs) <= 3000
     assert (output_dir / "qc" / "tissue.png").stat().st_size > 1000
     assert (output_dir / "tiling_config.yaml").exists()
 
@@ -205,6 +206,7 @@ def test_corrupt_tiles_dropped_and_counted(tmp_path: Path) -> None:
     )
     for index in (18, 19, 26, 27):  # a 2 x 2 block of level-0 tiles in the middle
         corrupt_tile(path, tile_index=index)
+
     output_dir = tmp_path / "tiles"
     cfg = _config(
         folder,
@@ -217,6 +219,7 @@ def test_corrupt_tiles_dropped_and_counted(tmp_path: Path) -> None:
         max_bad_tile_fraction=0.05,
     )
     result = run_tiling(cfg)
+
     assert result.n_ok == 1
     store = read_coords_store(output_dir / "corrupt.h5")
     assert store.attrs["n_bad_tiles"] == 4
