@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mil.batch import PackedBatch
-from mil.kernels import segment_attention_pool, segment_reduce
+from mil.kernels import segment_attention_pool, segment_reduce, weighted_segment_sum
 from mil.models.base import MILModel, MILOutput, register_model
 from mil.models.layers import bag_cross_entropy, expand_to_rows, tile_embedding
 
@@ -78,14 +78,18 @@ class DSMIL(MILModel):
         is_critical = (instance_scores == expand_to_rows(max_scores, segments)) & valid
         is_critical = is_critical.detach().to(tiles.dtype)  # [T, C]
         queries = self.query(tiles)  # [T, Q]
-        critical_sums = segment_reduce(
-            (is_critical[:, :, None] * queries[:, None, :]).flatten(1), segments, reduce="sum"
-        ).view(-1, self.n_classes, self.query_dim)  # [B, C, Q]
+        critical_sums = weighted_segment_sum(queries, is_critical, segments)  # [B, C, Q]
         critical_counts = segment_reduce(is_critical, segments, reduce="sum").clamp(min=1)
         critical_queries = critical_sums / critical_counts[:, :, None]
 
-        scores = torch.einsum("tq,tcq->tc", queries, expand_to_rows(critical_queries, segments))
-        scores = scores / math.sqrt(self.query_dim)  # [T, C]
+        # One [T, Q] product per class keeps memory at T * Q instead of T * C * Q.
+        scores = torch.stack(
+            [
+                (queries * expand_to_rows(critical_queries[:, c], segments)).sum(dim=1)
+                for c in range(self.n_classes)
+            ],
+            dim=1,
+        ) / math.sqrt(self.query_dim)  # [T, C]
         values = self.value(tiles)  # [T, E]
         pooled, weights = segment_attention_pool(values, scores, segments)  # [B,C,E], [T,C]
         logits = self.bag_classifier(pooled).squeeze(-1)  # [B, C]
