@@ -576,7 +576,7 @@ def create_backbone(name: str, weights: str | None = None) -> Backbone:
 
     if choice == "random":
         # A fixed seed makes "random" the same network in every run, so a resumed run matches
-        # the stores of the run before it; fork_rng keeps the caller's random state untouched.
+        # the stores of the run before it. fork_rng leaves the caller's random state untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
             model = _create_timm_model(preset, pretrained=False)
