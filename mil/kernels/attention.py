@@ -83,7 +83,7 @@ def attention(
             f"valid options are {sorted(_OPTIONS[kind])}"
         )
 
-    chosen = _choose_backend(q, kind, backend, options)
+    chosen = _choose_backend(q, v, kind, backend, options)
     if kind == "linear":
         return linear_attention_reference(q, k, v, q_segments, kv_segments, **options)
     if kind == "sparse":
@@ -132,7 +132,7 @@ def _check_inputs(
 
 
 def _choose_backend(
-    q: torch.Tensor, kind: str, backend: str, options: dict[str, Any]
+    q: torch.Tensor, v: torch.Tensor, kind: str, backend: str, options: dict[str, Any]
 ) -> Literal["reference", "varlen", "flex"]:
     if backend not in ("auto", "reference", "varlen", "flex"):
         raise ValueError(
@@ -159,7 +159,7 @@ def _choose_backend(
     if backend == "varlen":
         from mil.kernels.varlen import varlen_unavailable_reason
 
-        reason = varlen_unavailable_reason(q)
+        reason = varlen_unavailable_reason(q, v)
         if reason is not None:
             raise ValueError(f"backend='varlen' cannot run here: {reason}")
         return "varlen"
@@ -167,7 +167,7 @@ def _choose_backend(
         if on_cuda and q.dtype in (torch.float16, torch.bfloat16):
             from mil.kernels.varlen import varlen_unavailable_reason
 
-            if varlen_unavailable_reason(q) is None:
+            if varlen_unavailable_reason(q, v) is None:
                 return "varlen"
         return "reference"
     return backend  # type: ignore[return-value]

@@ -30,14 +30,22 @@ def _varlen_function() -> tuple[Callable[..., Any], frozenset[str]] | None:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def varlen_unavailable_reason(q: torch.Tensor) -> str | None:
-    """Return why the varlen backend cannot run on `q`, or None when it can."""
+# FlashAttention kernels behind varlen_attn support head dimensions up to 256.
+MAX_HEAD_DIM = 256
+
+
+def varlen_unavailable_reason(q: torch.Tensor, v: torch.Tensor | None = None) -> str | None:
+    """Return why the varlen backend cannot run on queries `q` and values `v`, or None."""
     if _varlen_function() is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen (needs torch >= 2.9)"
     if q.device.type != "cuda":
         return f"varlen_attn needs a CUDA tensor, got device {q.device}"
     if q.dtype not in _HALF_DTYPES:
         return f"varlen_attn needs float16 or bfloat16, got {q.dtype}"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"varlen_attn supports head dimensions up to {MAX_HEAD_DIM}, got {q.shape[-1]}"
+    if v is not None and v.shape[-1] != q.shape[-1]:
+        return f"varlen_attn needs values with the head dimension of q, got {v.shape[-1]}"
     return None
 
 
@@ -60,7 +68,7 @@ def varlen_attention(
     Returns:
         [Tq, H, Dh]; padding rows and queries of a bag without keys are 0.
     """
-    reason = varlen_unavailable_reason(q)
+    reason = varlen_unavailable_reason(q, v)
     resolved = _varlen_function()
     if reason is not None or resolved is None:
         raise RuntimeError(f"backend='varlen' cannot run: {reason}; use backend='reference'")

@@ -64,7 +64,9 @@ def test_auto_picks_varlen_for_bf16() -> None:
     from mil.kernels.attention import _choose_backend
 
     q = torch.zeros(4, 1, 64, device="cuda", dtype=torch.bfloat16)
-    assert _choose_backend(q, "softmax", "auto", {}) == "varlen"
+    assert _choose_backend(q, q, "softmax", "auto", {}) == "varlen"
+    wide_values = torch.zeros(4, 1, 32, device="cuda", dtype=torch.bfloat16)
+    assert _choose_backend(q, wide_values, "softmax", "auto", {}) == "reference"
 
 
 @pytest.mark.parametrize("dtype", HALF)
