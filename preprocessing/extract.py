@@ -376,16 +376,18 @@ class TileEmbedder:
                     "with a batch of one tile; use a device with more memory, --precision bf16 "
                     "or fp16, or a smaller backbone."
                 ) from err
-            self.max_batch = max(1, tiles.shape[0] // 2)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            logger.warning(
-                "Out of memory on %s with %d tiles; retrying with batches of %d.",
-                self.device,
-                tiles.shape[0],
-                self.max_batch,
-            )
-            return self.embed(tiles)
+        # The retry happens outside the except block because the exception's traceback keeps
+        # the failed batch's activations alive until the block ends.
+        self.max_batch = max(1, tiles.shape[0] // 2)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.warning(
+            "Out of memory on %s with %d tiles; retrying with batches of %d.",
+            self.device,
+            tiles.shape[0],
+            self.max_batch,
+        )
+        return self.embed(tiles)
 
     def _embed_on_device(self, tiles: torch.Tensor) -> torch.Tensor:
         images = tiles.to(self.device, non_blocking=True)
