@@ -169,3 +169,19 @@ def test_soft_labels_give_finite_aux_losses(
     for key, value in output.aux_losses.items():
         assert value.dim() == 0, key
         assert torch.isfinite(value), key
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_empty_bag_stays_finite(
+    name: str, pack_factory: PackFactory, model_factory: ModelFactory
+) -> None:
+    model = model_factory(name).train()
+    batch = pack_factory([4, 0, 3], padding=2)
+    batch.features.requires_grad_(True)
+    output = model(batch)
+    aux = sum(output.aux_losses.values(), torch.zeros((), dtype=torch.float64))
+    loss = output.logits.sum() + aux
+    loss.backward()
+    assert torch.isfinite(output.logits).all()
+    assert batch.features.grad is not None
+    assert torch.isfinite(batch.features.grad).all()
