@@ -279,3 +279,31 @@ def test_shared_slides_open_as_rgb(relative: str, reader: str, mpp: float | None
     assert thumbnail.dtype == np.uint8
     assert thumbnail.ndim == 3
     assert thumbnail.shape[2] == 3
+
+
+def test_banded_thumbnail_matches_single_band(
+    checker: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_slide(checker) as slide:
+        whole = slide.get_downsampled(7.0)
+        monkeypatch.setattr("preprocessing.slide.BAND_PIXELS", 6000 * 50)  # many thin bands
+        banded = slide.get_downsampled(7.0)
+    assert whole.shape == banded.shape == (643, 857, 3)
+    # OpenSlide starts each band at a level-0 row, up to 0.5 / 3.7 level pixels off the band's
+    # level row, and interpolates; that shifts edges by a fraction of a pixel and no more.
+    difference = np.abs(whole.astype(int) - banded.astype(int))
+    assert difference.mean() < 0.5
+    assert difference.max() <= 40
+
+
+def test_single_level_thumbnail_in_bands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_synthetic_slide(
+        tmp_path / "flat.tif", 1000, 700, checkerboard(SQUARE), downsamples=(1.0,), tile=128
+    )
+    with open_slide(path) as slide:
+        whole = slide.get_downsampled(8.0)
+        monkeypatch.setattr("preprocessing.slide.BAND_PIXELS", 1000 * 16)
+        banded = slide.get_downsampled(8.0)
+    np.testing.assert_array_equal(whole, banded)
+    # Each 8 x 8 block lies inside one 64-pixel square, so block means are the pure colours.
+    assert set(np.unique(whole[..., 0]).tolist()) == {RED, BLUE}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -324,3 +325,17 @@ def test_tissue_outside_bounds_ignored(tmp_path: Path, monkeypatch: pytest.Monke
     assert store.n_tiles > 0
     assert store.coords[:, 0].min() >= 600
     assert store.attrs["bounds"] == [600, 0, 600, 900]
+
+
+def test_target_finer_than_slide_warns(
+    synthetic_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    output_dir = tmp_path / "tiles"
+    cfg = _config(synthetic_folder / "tissue.tif", output_dir, target_mpp=0.1, tile_px=128)
+    with caplog.at_level(logging.WARNING):
+        result = run_tiling(cfg)
+    assert result.n_ok == 1
+    assert "tiles are upsampled" in caplog.text
+    attrs = read_coords_store(output_dir / "tissue.h5").attrs
+    assert attrs["read_level"] == 0
+    assert attrs["tile_px_level0"] == pytest.approx(51.2)
