@@ -172,10 +172,12 @@ def write_coords_store(path: Path, coords: np.ndarray, attrs: Mapping[str, Any])
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with h5py.File(tmp, "w") as handle:
-            handle.create_dataset("coords", data=coords)
+            dataset = handle.create_dataset("coords", data=coords)
             for key, value in attrs.items():
                 if key != "complete":
                     handle.attrs[key] = _clean_attr(value)
+                    # CLAM and TRIDENT readers look for the patch attributes on the dataset.
+                    dataset.attrs[key] = _clean_attr(value)
             handle.attrs["complete"] = True
         os.replace(tmp, path)
     except BaseException:

@@ -31,6 +31,8 @@ def test_coords_round_trip(tmp_path: Path) -> None:
     assert store.attrs["tissue"] == '{"method": "otsu"}'
     assert store.attrs["complete"] is True
     assert not list(tmp_path.glob("*.tmp-*"))
+    with h5py.File(path, "r") as handle:
+        assert handle["coords"].attrs["slide_mpp"] == 0.5
 
 
 def test_coords_store_empty_grid(tmp_path: Path) -> None:
