@@ -77,9 +77,29 @@ def resolve_mpp(
     Returns:
         The first plausible value and its source; ``mpp=None`` when nothing was found.
     """
+    found = _mpp_from_metadata(properties)
     if override is not None:
-        return MppResult(validate_user_mpp(override, "mpp override"), OVERRIDE_SOURCE)
+        mpp = validate_user_mpp(override, "mpp override")
+        if found.mpp is not None and abs(found.mpp - mpp) / found.mpp > 0.05:
+            # The override still wins, because it is the user's explicit correction, but a
+            # disagreement is worth a line in the log.
+            logger.warning(
+                "mpp override %g µm/px replaces %g µm/px read from %s", mpp, found.mpp,
+                found.source,
+            )
+        return MppResult(mpp, OVERRIDE_SOURCE)
+    if found.mpp is not None:
+        return found
 
+    rejected = list(found.rejected)
+    if default is not None:
+        mpp = validate_user_mpp(default, "default mpp")
+        return MppResult(mpp, OVERRIDE_SOURCE, tuple(rejected))
+    return MppResult(None, None, tuple(rejected))
+
+
+def _mpp_from_metadata(properties: Mapping[str, str]) -> MppResult:
+    """First plausible value of the metadata part of the chain (OpenSlide, TIFF, vendor)."""
     rejected: list[str] = []
     for source, lookup in _METADATA_CHAIN:
         try:
@@ -93,10 +113,6 @@ def resolve_mpp(
             rejected.append(f"{source}={value:g} µm/px is outside {PLAUSIBLE_MPP_RANGE}")
             continue
         return MppResult(value, source, tuple(rejected))
-
-    if default is not None:
-        mpp = validate_user_mpp(default, "default mpp")
-        return MppResult(mpp, OVERRIDE_SOURCE, tuple(rejected))
     return MppResult(None, None, tuple(rejected))
 
 

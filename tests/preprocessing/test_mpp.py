@@ -82,12 +82,13 @@ def test_vendor_keys(properties: dict[str, str], source: str, expected: float) -
     assert result.mpp == pytest.approx(expected, rel=1e-3)
 
 
-def test_override_wins_and_default_only_fills_gaps() -> None:
+def test_override_wins_and_default_only_fills_gaps(caplog: pytest.LogCaptureFixture) -> None:
     assert resolve_mpp({"openslide.mpp-x": "0.25"}, override=0.5).mpp == 0.5
     assert resolve_mpp({"openslide.mpp-x": "0.25"}, override=0.5).source == "override"
     assert resolve_mpp({"openslide.mpp-x": "0.25"}, default=0.5).mpp == 0.25
     assert resolve_mpp({}, default=0.5).mpp == 0.5
     assert resolve_mpp({}, default=0.5).source == "override"
+    assert "replaces 0.25" in caplog.text
 
 
 def test_unreadable_value_is_reported_and_skipped() -> None:
