@@ -139,13 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tiles", type=int, default=20000)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--model", default="abmil")
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--pack-len", type=int, default=20480,
                         help="tiles per pack; at least --max-tiles so `packed` keeps every tile")
     parser.add_argument("--max-tiles-per-bag", type=int, default=4096,
                         help="cap on a main part or hyperslide in the `packmil` mode")
-    parser.add_argument("--positive-fraction", type=float, default=0.02)
-    parser.add_argument("--shift", type=float, default=1.0)
+    parser.add_argument("--positive-fraction", type=float, default=0.05)
+    parser.add_argument("--shift", type=float, default=3.0)
     parser.add_argument("--modes", nargs="+", default=["one_bag", "packed", "packmil"],
                         choices=["one_bag", "packed", "packmil"])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")

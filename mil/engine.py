@@ -193,7 +193,10 @@ def train_epoch(
     model.train()
     world_size = torch.distributed.get_world_size() if is_distributed() else 1
     started = time.perf_counter()
-    total_loss, total_aux, n_steps, n_bags = 0.0, 0.0, 0, 0
+    # Sums stay on the device until the end of the epoch, so no step waits for a sync.
+    total_loss = torch.zeros((), device=device)
+    total_aux = torch.zeros((), device=device)
+    n_steps, n_bags = 0, 0
 
     for group in _groups(packs, packs_per_step):
         residual = [_residual_mask(pack) for pack in group]
@@ -204,7 +207,6 @@ def train_epoch(
         )
         n_main, n_residual, n_step_bags = all_reduce_sum(counts, device).tolist()
         optimizer.zero_grad(set_to_none=True)
-        step_loss, step_aux = 0.0, 0.0
 
         for index, (pack, is_residual) in enumerate(zip(group, residual, strict=True)):
             pack = prepare_batch(pack, device)
@@ -218,16 +220,17 @@ def train_epoch(
                     output = model(pack)
                 losses = per_bag_loss(output.logits, pack.labels, class_weights)  # [B]
                 is_residual = is_residual.to(losses.device)
-                loss = losses[~is_residual].sum() / max(n_main, 1.0)
+                residual_float = is_residual.to(losses.dtype)
+                loss = (losses * (1.0 - residual_float)).sum() / max(n_main, 1.0)
                 if n_residual > 0:
-                    loss = loss + residual_weight * losses[is_residual].sum() / n_residual
+                    loss = loss + residual_weight * (losses * residual_float).sum() / n_residual
                 aux = sum(output.aux_losses.values(), torch.zeros((), device=losses.device))
                 aux = aux.float() * (pack.num_bags / max(n_step_bags, 1.0))
                 # DDP averages gradients over processes; scaling by the world size turns that
                 # average back into the sum over the step that the formula above defines.
                 (world_size * (loss + aux)).backward()
-            step_loss += float((loss + aux).detach())
-            step_aux += float(aux.detach())
+            total_loss += (loss + aux).detach()
+            total_aux += aux.detach()
             n_bags += pack.num_bags
             if on_bags is not None:
                 on_bags(pack.num_bags)
@@ -237,15 +240,13 @@ def train_epoch(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total_loss += step_loss
-        total_aux += step_aux
         n_steps += 1
 
     if n_steps == 0:
         raise ValueError("the training loader yielded no batches; check the training split")
     return EpochStats(
-        loss=total_loss / n_steps,
-        aux_loss=total_aux / n_steps,
+        loss=float(total_loss) / n_steps,
+        aux_loss=float(total_aux) / n_steps,
         n_bags=n_bags,
         n_steps=n_steps,
         seconds=time.perf_counter() - started,
