@@ -69,6 +69,8 @@ class ACMIL(MILModel):
         diversity_weight: weight of the branch diversity loss.
     """
 
+    attention_axis = "branch"
+
     def __init__(
         self,
         in_dim: int,

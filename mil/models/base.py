@@ -6,7 +6,7 @@ import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -32,7 +32,14 @@ class MILOutput:
 
 
 class MILModel(nn.Module):
-    """Base class: subclasses implement `forward(batch) -> MILOutput`."""
+    """Base class: subclasses implement `forward(batch) -> MILOutput`.
+
+    Attributes:
+        attention_axis: what the H columns of [T, H] attention are: "branch", "head" or
+            "class" (column c belongs to class c); None for models with [T] attention.
+    """
+
+    attention_axis: ClassVar[str | None] = None
 
     def __init__(self, in_dim: int, n_classes: int) -> None:
         super().__init__()
@@ -41,6 +48,11 @@ class MILModel(nn.Module):
 
     def forward(self, batch: PackedBatch) -> MILOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def attention_names(self, n_columns: int) -> list[str]:
+        """Names of the attention columns, for heatmap titles ("branch 1", "class 0", ...)."""
+        axis = self.attention_axis or "head"
+        return [f"{axis} {index + 1 if axis != 'class' else index}" for index in range(n_columns)]
 
 
 ModelT = TypeVar("ModelT", bound=type[MILModel])

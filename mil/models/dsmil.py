@@ -36,6 +36,8 @@ class DSMIL(MILModel):
             highest instance score per class); DSMIL trains both streams with equal weight.
     """
 
+    attention_axis = "class"
+
     def __init__(
         self,
         in_dim: int,

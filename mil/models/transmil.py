@@ -223,6 +223,8 @@ class TransMIL(MILModel):
         dropout: dropout on the attention output projections.
     """
 
+    attention_axis = "head"
+
     def __init__(
         self,
         in_dim: int,
