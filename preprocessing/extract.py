@@ -416,6 +416,8 @@ class TileEmbedder:
         On CUDA the copy of one batch's embeddings to the host is left in flight while the
         next batch is computed, so the device does not wait for that copy.
         """
+        # NOTE: the CUDA branch (pinned batches, asynchronous copies, events) is exercised only
+        # by the gpu-marked tests, which skip on machines without CUDA.
         pending: tuple[TileBatch, torch.Tensor, torch.cuda.Event | None] | None = None
         for batch in batches:
             if batch.rows.numel() == 0:
