@@ -66,9 +66,9 @@ DATASETS: dict[str, str] = {
 
 #: Data sets whose features are z-scored with the training folds' statistics under
 #: `--standardize auto`. Musk (distances in the hundreds) and UCSB (histogram counts in the
-#: thousands) are raw; the Corel features of Fox, Tiger and Elephant are already scaled, and
+#: thousands) are raw. The Corel features of Fox, Tiger and Elephant are already scaled, and
 #: z-scoring their many near-constant columns lowered Elephant's accuracy from 0.86 to 0.81
-#: in a 1 x 10-fold run of this script.
+#: (ABMIL, 1 x 10-fold run of this script).
 STANDARDIZED = frozenset({"musk1", "musk2", "ucsb_breast"})
 
 #: Mean accuracy of Ilse et al. 2018 (attention and gated attention) on the same protocol.

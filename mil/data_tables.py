@@ -72,7 +72,9 @@ def _group_bags(
         bags.append(features[rows].astype(np.float32))
     if not np.isfinite(features).all():
         bad = int(np.argwhere(~np.isfinite(features))[0, 0])
-        raise StoreFormatError(f"{path}: non-finite feature value in instance row {bad}.")
+        raise StoreFormatError(
+            f"{path}: non-finite feature value in instance row {bad}; fix or drop that row."
+        )
     return bag_ids, np.asarray(labels, dtype=np.int64), bags
 
 
@@ -80,7 +82,7 @@ def read_mil_csv(path: Path) -> MILTable:
     """Read a header-less CSV of (bag label, bag id, feature...) rows."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: MIL table not found.")
+        raise ConfigError(f"{path}: MIL table not found; pass an existing .csv or .mat file.")
     label_of_row: list[int] = []
     bag_of_row: list[str] = []
     rows: list[list[float]] = []
@@ -126,7 +128,7 @@ def read_prtools_mat(path: Path) -> MILTable:
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: MIL table not found.")
+        raise ConfigError(f"{path}: MIL table not found; pass an existing .csv or .mat file.")
     try:
         content = loadmat(path)
     except (ValueError, NotImplementedError, OSError) as err:
@@ -173,8 +175,8 @@ def _bag_id_text(value: object) -> str:
 def _label_names(lablist: np.ndarray) -> tuple[str, ...] | None:
     """Class names of the current PRTools label list, or None when they cannot be found.
 
-    PRTools keeps several label lists as rows of a cell array; the first cell of the first row
-    holds the names of the labels that `nlab` indexes.
+    PRTools keeps several label lists as rows of a cell array. The first cell of the first row
+    contains the names of the labels that `nlab` indexes.
     """
     try:
         names = np.asarray(lablist.flat[0]).reshape(-1)
