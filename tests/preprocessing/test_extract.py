@@ -35,7 +35,7 @@ from preprocessing.stores import is_complete_store, open_feature_store, write_co
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SLIDE_NAME = "cmu-1-small-region.svs"
-SMALL_MODEL = "mobilenetv3_small_050"
+SMALL_MODEL = "test_vit.r160_in1k"
 TILE_PX = 96
 
 
