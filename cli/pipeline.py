@@ -75,8 +75,11 @@ def load_pipeline_config(path: Path) -> PipelineConfig:
 
 def stage_folders(config: PipelineConfig) -> dict[str, Path]:
     """Folders that connect the stages, derived from `output_dir` and the stage sections."""
+    from preprocessing.backbones import get_backbone_preset
+
     out = config.output_dir
-    backbone = str(config.extract.get("backbone", "efficientnet_lite0"))
+    # hf-hub ids contain '/' and ':', so the folder uses the preset's file-safe name.
+    backbone = get_backbone_preset(str(config.extract.get("backbone", "efficientnet_lite0"))).name
     tiles = Path(config.tile.get("output_dir", out / "tiles"))
     features_root = Path(config.extract.get("output_dir", out / "features"))
     features = Path(config.train.get("features_dir", features_root / backbone))
@@ -127,13 +130,11 @@ def _run_tile(fields: dict[str, Any]) -> StageOutcome:
 
 
 def _run_extract(fields: dict[str, Any]) -> StageOutcome:
-    from preprocessing.extract import ExtractConfig, run_extraction
+    from preprocessing.extract import ExtractConfig, backbone_output_dir, run_extraction
 
     config = ExtractConfig(**fields)
     result = run_extraction(config)
-    return StageOutcome(
-        "extract", Path(config.output_dir) / config.backbone, result.n_failed, str(result)
-    )
+    return StageOutcome("extract", backbone_output_dir(config), result.n_failed, str(result))
 
 
 def _run_train(fields: dict[str, Any]) -> StageOutcome:
