@@ -125,9 +125,10 @@ def segment_attention_pool(
 
 
 # Up to this many bag-branch columns, the weighted sum runs as dense matrix products with a
-# [n, B*K] matrix holding each weight in its bag's column (the zeros cost n*B*K*D multiply-adds);
-# above it, as one index_add_ per branch. On a 2-core CPU at n = 100k, D = 512 the dense form
-# took 0.03 s for B*K = 16 and the index_add_ form 0.25 s (benchmarks/kernels.py measures both).
+# [n, B*K] matrix holding each weight in its bag's column (the zeros cost n*B*K*D multiply-adds).
+# Above it, it runs as one index_add_ per branch. On a shared 2-core CPU at n = 100k, D = 512,
+# B*K = 16, the dense forward took 0.03 s and the index_add_ forward 0.25 s. The limit of 64 is
+# an estimate from that ratio, not a measured crossover.
 DENSE_COLUMNS_MAX = 64
 
 
