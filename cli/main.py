@@ -67,11 +67,12 @@ def run(
     from cli.pipeline import load_pipeline_config, run_pipeline, stage_folders
     from preprocessing.errors import SlidemilError
 
+    selected = None
+    if stages is not None:
+        selected = [name.strip() for name in stages.split(",") if name.strip()]
     try:
-        pipeline = load_pipeline_config(config)
-        if stages:
-            pipeline.stages = [name.strip() for name in stages.split(",") if name.strip()]
-        outcomes = run_pipeline(pipeline)
+        pipeline = load_pipeline_config(config, selected)
+        outcomes = run_pipeline(pipeline, source=config)
     except SlidemilError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(code=1) from err

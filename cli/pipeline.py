@@ -14,6 +14,7 @@ Relative paths in the YAML are resolved against the folder the command runs in.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from preprocessing.errors import ConfigError
 
@@ -38,6 +39,7 @@ class PipelineConfig(BaseModel):
     output_dir: Path
     run_name: str = "run"
     stages: list[str] = Field(default_factory=lambda: list(STAGES))
+    stop_on_failure: bool = True
     tile: dict[str, Any] = Field(default_factory=dict)
     extract: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
@@ -55,8 +57,8 @@ class StageOutcome:
     detail: str
 
 
-def load_pipeline_config(path: Path) -> PipelineConfig:
-    """Read and validate a pipeline YAML file."""
+def load_pipeline_config(path: Path, stages: list[str] | None = None) -> PipelineConfig:
+    """Read and validate a pipeline YAML file; `stages` replaces the file's `stages` list."""
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as err:
@@ -67,6 +69,10 @@ def load_pipeline_config(path: Path) -> PipelineConfig:
         config = PipelineConfig.model_validate(raw)
     except ValueError as err:
         raise ConfigError(f"{path}: invalid pipeline config:\n{err}") from err
+    if stages is not None:
+        config.stages = stages
+    if not config.stages:
+        raise ConfigError(f"{path}: no stage selected; stages are {', '.join(STAGES)}")
     unknown = [stage for stage in config.stages if stage not in STAGES]
     if unknown:
         raise ConfigError(f"{path}: unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
@@ -122,74 +128,137 @@ def stage_sections(config: PipelineConfig) -> dict[str, dict[str, Any]]:
     }
 
 
-def _run_tile(fields: dict[str, Any]) -> StageOutcome:
+def _stage_api() -> dict[str, tuple[type[BaseModel], Callable[[Any], Any]]]:
+    """Config class and entry function of each stage, imported only when a pipeline runs."""
+    from mil.heatmap import HeatmapConfig, run_heatmaps
+    from mil.predict import PredictConfig, run_prediction
+    from mil.train import TrainConfig, run_training
+    from preprocessing.extract import ExtractConfig, run_extraction
     from preprocessing.tiling import TilingConfig, run_tiling
 
-    result = run_tiling(TilingConfig(**fields))
-    return StageOutcome("tile", Path(fields["output_dir"]), result.n_failed, str(result))
+    return {
+        "tile": (TilingConfig, run_tiling),
+        "extract": (ExtractConfig, run_extraction),
+        "train": (TrainConfig, run_training),
+        "predict": (PredictConfig, run_prediction),
+        "heatmap": (HeatmapConfig, run_heatmaps),
+    }
 
 
-def _run_extract(fields: dict[str, Any]) -> StageOutcome:
-    from preprocessing.extract import ExtractConfig, backbone_output_dir, run_extraction
+def build_stage_configs(config: PipelineConfig, source: Path | str = "pipeline config"
+                        ) -> dict[str, BaseModel]:
+    """Validate the sections of the selected stages before any stage runs.
 
-    config = ExtractConfig(**fields)
-    result = run_extraction(config)
-    return StageOutcome("extract", backbone_output_dir(config), result.n_failed, str(result))
+    A section that the YAML spells out is validated even when its stage is not selected, so
+    a typo in `train` is reported before hours of tiling, not after.
 
-
-def _run_train(fields: dict[str, Any]) -> StageOutcome:
-    from mil.train import TrainConfig, run_training
-
-    config = TrainConfig(**fields)
-    result = run_training(config)
-    return StageOutcome("train", Path(config.run_dir), 0, str(result))
-
-
-def _run_predict(fields: dict[str, Any]) -> StageOutcome:
-    from mil.predict import PredictConfig, run_prediction
-
-    config = PredictConfig(**fields)
-    result = run_prediction(config)
-    return StageOutcome(
-        "predict", result.predictions_path.parent, result.n_failed, str(result)
-    )
-
-
-def _run_heatmap(fields: dict[str, Any]) -> StageOutcome:
-    from mil.heatmap import HeatmapConfig, run_heatmaps
-
-    result = run_heatmaps(HeatmapConfig(**fields))
-    return StageOutcome("heatmap", Path(fields["output_dir"]), result.n_failed, str(result))
-
-
-RUNNERS: dict[str, Callable[[dict[str, Any]], StageOutcome]] = {
-    "tile": _run_tile,
-    "extract": _run_extract,
-    "train": _run_train,
-    "predict": _run_predict,
-    "heatmap": _run_heatmap,
-}
-
-
-def run_pipeline(config: PipelineConfig, stop_on_failure: bool = True) -> list[StageOutcome]:
-    """Run the configured stages in order; each stage skips the slides it already finished.
-
-    A stage in which some slides failed stops the pipeline when `stop_on_failure` is set,
-    because later stages would silently work on fewer slides.
+    Raises:
+        ConfigError: listing every invalid key as `section.key: problem`.
     """
     sections = stage_sections(config)
+    api = _stage_api()
+    built: dict[str, BaseModel] = {}
+    problems: list[str] = []
+    for stage in STAGES:
+        if stage not in config.stages and not getattr(config, stage):
+            continue
+        config_class, _ = api[stage]
+        try:
+            built[stage] = config_class(**sections[stage])
+        except ValidationError as err:
+            for error in err.errors():
+                key = ".".join(str(part) for part in (stage, *error["loc"]))
+                problems.append(f"{key}: {error['msg']}")
+    if problems:
+        raise ConfigError(
+            f"{source}: invalid settings:\n  " + "\n  ".join(problems)
+            + "\nFix these keys; `slidemil STAGE --help` lists the options of each stage "
+            "(YAML keys are the option names with '_' for '-')."
+        )
+    return built
+
+
+def _output_folder(stage: str, stage_config: Any, result: Any) -> Path:
+    if stage == "extract":
+        from preprocessing.extract import backbone_output_dir
+
+        return backbone_output_dir(stage_config)
+    if stage == "train":
+        return Path(stage_config.run_dir)
+    if stage == "predict":
+        return Path(result.predictions_path).parent
+    return Path(stage_config.output_dir)
+
+
+def _predict_inputs_stamp(stage_config: Any) -> dict[str, Any]:
+    """What a prediction depends on: its settings and the files it reads, with their mtimes."""
+    run_dir = Path(stage_config.run_dir)
+    features_dir = Path(stage_config.features_dir)
+    files = sorted(run_dir.rglob("checkpoint*.pt")) + sorted(features_dir.glob("*.h5")) + sorted(
+        features_dir.glob("*.zarr")
+    )
+    return {
+        "config": json.loads(stage_config.model_dump_json()),
+        "inputs": {str(path): path.stat().st_mtime_ns for path in files},
+    }
+
+
+def _predict_stamp_path(stage_config: Any) -> Path:
+    output_dir = Path(stage_config.output_dir or stage_config.run_dir)
+    return output_dir / ".pipeline-predict.json"
+
+
+def _predictions_current(stage_config: Any) -> bool:
+    """True when predict already ran with these settings on these checkpoints and features."""
+    stamp_path = _predict_stamp_path(stage_config)
+    if not stamp_path.is_file():
+        return False
+    try:
+        stamp = json.loads(stamp_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(stamp == _predict_inputs_stamp(stage_config))
+
+
+def run_pipeline(
+    config: PipelineConfig, source: Path | str = "pipeline config"
+) -> list[StageOutcome]:
+    """Run the selected stages in order; each stage skips the slides it already finished.
+
+    Prediction is skipped as a whole when its settings, checkpoints and feature stores are
+    unchanged since the last run. A stage in which some slides failed stops the pipeline unless
+    the config sets `stop_on_failure: false`, because later stages would silently work on
+    fewer slides.
+    """
+    stage_configs = build_stage_configs(config, source)
+    api = _stage_api()
     outcomes: list[StageOutcome] = []
     for stage in STAGES:
         if stage not in config.stages:
             continue
+        stage_config = stage_configs[stage]
+        if stage == "predict" and _predictions_current(stage_config):
+            output = Path(stage_config.output_dir or stage_config.run_dir)  # type: ignore[attr-defined]
+            logger.info("stage predict: reused, predictions in %s are up to date", output)
+            outcomes.append(StageOutcome(stage, output, 0, "reused"))
+            continue
         logger.info("stage %s: starting", stage)
-        outcome = RUNNERS[stage](sections[stage])
+        result = api[stage][1](stage_config)
+        outcome = StageOutcome(
+            stage, _output_folder(stage, stage_config, result),
+            int(getattr(result, "n_failed", 0)), str(result),
+        )
         outcomes.append(outcome)
+        if stage == "predict" and not outcome.failed:
+            _predict_stamp_path(stage_config).write_text(
+                json.dumps(_predict_inputs_stamp(stage_config), indent=1)
+            )
         logger.info("stage %s: done, outputs in %s", stage, outcome.output)
-        if outcome.failed and stop_on_failure:
+        if outcome.failed and config.stop_on_failure:
             logger.error(
-                "stage %s: %d slide(s) failed; see %s/manifest.csv. Fix them or set "
-                "skip_errors to continue without them.", stage, outcome.failed, outcome.output
+                "stage %s: %d slide(s) failed; see %s/manifest.csv. Fix or remove them and run "
+                "again, or set stop_on_failure: false in the pipeline YAML to go on without "
+                "them.", stage, outcome.failed, outcome.output
             )
             break
     return outcomes
