@@ -250,9 +250,9 @@ def run_pipeline(
         )
         outcomes.append(outcome)
         if stage == "predict" and not outcome.failed:
-            _predict_stamp_path(stage_config).write_text(
-                json.dumps(_predict_inputs_stamp(stage_config), indent=1)
-            )
+            stamp_path = _predict_stamp_path(stage_config)
+            stamp_path.parent.mkdir(parents=True, exist_ok=True)
+            stamp_path.write_text(json.dumps(_predict_inputs_stamp(stage_config), indent=1))
         logger.info("stage %s: done, outputs in %s", stage, outcome.output)
         if outcome.failed and config.stop_on_failure:
             logger.error(
