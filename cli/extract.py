@@ -76,8 +76,10 @@ def command(
     slides: Annotated[
         str | None,
         typer.Option(
-            help="Folder, glob or CSV of the slides expected; a slide without a coords store "
-            "is reported as failed. Default: every coords store in --coords-dir.",
+            help="Folder, glob or CSV of the slides expected and where they are now; each path "
+            "replaces the slide_path recorded in the coords store (for slides moved after "
+            "tiling), and a slide without a coords store is reported as failed. Default: every "
+            "coords store in --coords-dir, read from its recorded slide_path.",
             rich_help_panel=_INPUT,
         ),
     ] = None,
@@ -112,13 +114,14 @@ def command(
         ),
     ] = 64,
     num_workers: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=0,
-            help="Processes decoding tiles; 0 decodes in the main process.",
+            help="Processes decoding tiles; 0 decodes in the main process. Default: 0 on the "
+            "CPU, on CUDA one per available core minus one, at most 4.",
             rich_help_panel=_COMPUTE,
         ),
-    ] = 4,
+    ] = None,
     worker_start_method: Annotated[
         StartMethodChoice | None,
         typer.Option(
@@ -172,6 +175,14 @@ def command(
             rich_help_panel=_BATCH,
         ),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Recompute feature stores that are already complete, also those made with "
+            "other settings; only the processed slides' stores are replaced.",
+            rich_help_panel=_BATCH,
+        ),
+    ] = False,
     skip_errors: Annotated[
         bool,
         typer.Option(
@@ -209,6 +220,7 @@ def command(
             dtype=dtype.value,
             max_failed_tile_fraction=max_failed_tile_fraction,
             shard=shard,
+            overwrite=overwrite,
             skip_errors=skip_errors,
             progress=progress,
         )

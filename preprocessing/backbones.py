@@ -24,11 +24,15 @@ import difflib
 import hashlib
 import importlib
 import logging
-from collections.abc import Callable, Mapping
+import os
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, cast
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as functional
@@ -48,6 +52,12 @@ Pooling = Literal["model", "cls_mean_patch"]
 
 #: Seed of the random initialisation behind ``weights="random"``.
 RANDOM_WEIGHTS_SEED = 0
+
+#: Seconds to wait for a TCP connection to the Hugging Face hub before treating it as
+#: unreachable. huggingface_hub itself retries failed requests for a minute or more.
+HUB_CONNECT_TIMEOUT_S = 5.0
+#: Weight files timm looks for in a hub repository, either one is enough.
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 @dataclass(frozen=True)
@@ -635,9 +645,18 @@ def _create_timm_model(preset: BackbonePreset, pretrained: bool) -> nn.Module:
         for key, value in preset.model_kwargs.items()
     }
     kwargs.setdefault("num_classes", 0)
+    files = hub_files_needed(preset, pretrained)
+    offline = False
+    if files is not None:
+        offline = check_hub_access(preset, *files)
+        # The cache folder is passed explicitly because huggingface_hub reads HF_HOME only
+        # once, when it is imported.
+        kwargs.setdefault("cache_dir", hub_cache_dir())
+    build_errors: tuple[type[Exception], ...] = (OSError, RuntimeError, ValueError, *_hub_errors())
     try:
-        return timm.create_model(preset.timm_name, pretrained=pretrained, **kwargs)
-    except (OSError, RuntimeError, ValueError) as err:
+        with _hub_offline_mode(offline):
+            return timm.create_model(preset.timm_name, pretrained=pretrained, **kwargs)
+    except build_errors as err:
         hub = preset.timm_name.startswith(("hf-hub:", "hf_hub:")) or pretrained
         fix = (
             "If the model is gated, accept its licence on huggingface.co and set HF_TOKEN; "
@@ -651,6 +670,155 @@ def _create_timm_model(preset: BackbonePreset, pretrained: bool) -> nn.Module:
             f"Could not build backbone {preset.name!r} from timm {preset.timm_name!r} "
             f"(pretrained={pretrained}): {err}. {fix}"
         ) from err
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face hub access
+# --------------------------------------------------------------------------------------------
+
+
+def hub_cache_dir() -> Path:
+    """Return the Hugging Face hub cache folder that the environment names now.
+
+    Follows huggingface_hub's order: ``HF_HUB_CACHE``, then ``HF_HOME/hub``, then
+    ``XDG_CACHE_HOME/huggingface/hub``, then ``~/.cache/huggingface/hub``.
+    """
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "huggingface" / "hub"
+
+
+def hub_offline_requested() -> bool:
+    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set to a true value."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_endpoint() -> str:
+    """Return the hub URL: ``HF_ENDPOINT`` or ``https://huggingface.co``."""
+    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+def hub_files_needed(
+    preset: BackbonePreset, pretrained: bool
+) -> tuple[str, tuple[str, ...], tuple[str, ...]] | None:
+    """Name the hub repository and files that building ``preset`` downloads.
+
+    Returns:
+        ``(repo_id, required_files, weight_files)``: every required file must be cached and
+        one of the weight files (none when ``pretrained`` is False). None when the build
+        needs nothing from the hub (random or local weights of a plain timm model, or
+        pretrained weights that timm downloads from another URL).
+    """
+    for prefix in ("hf-hub:", "hf_hub:"):
+        if preset.timm_name.startswith(prefix):
+            repo_id = preset.timm_name[len(prefix) :].split("@")[0]
+            return repo_id, ("config.json",), HUB_WEIGHT_FILES if pretrained else ()
+    if not pretrained:
+        return None
+    import timm
+
+    pretrained_cfg = timm.models.get_pretrained_cfg(preset.timm_name)
+    hub_id = getattr(pretrained_cfg, "hf_hub_id", None) if pretrained_cfg else None
+    if not hub_id:
+        return None
+    filename = getattr(pretrained_cfg, "hf_hub_filename", None)
+    weight_files = (filename,) if filename else HUB_WEIGHT_FILES
+    return str(hub_id).split("@")[0], (), weight_files
+
+
+def check_hub_access(
+    preset: BackbonePreset,
+    repo_id: str,
+    required_files: tuple[str, ...],
+    weight_files: tuple[str, ...],
+) -> bool:
+    """Fail fast when the hub files of ``preset`` are neither cached nor downloadable.
+
+    Returns:
+        True when the files are cached but the hub is offline or unreachable, so the build
+        must run in huggingface_hub's offline mode to avoid its retries; False otherwise.
+
+    Raises:
+        BackboneError: The files are not in the local cache and the hub cannot be reached
+            (``HF_HUB_OFFLINE`` is set, or no TCP connection within
+            ``HUB_CONNECT_TIMEOUT_S``).
+    """
+    cache = hub_cache_dir()
+    missing = [
+        f"config ({name})" for name in required_files if not _is_cached(repo_id, name, cache)
+    ]
+    if weight_files and not any(_is_cached(repo_id, name, cache) for name in weight_files):
+        missing.append(f"weights ({' or '.join(weight_files)})")
+    if hub_offline_requested():
+        reason: str | None = "HF_HUB_OFFLINE is set"
+    else:
+        reason = _hub_unreachable_reason(hub_endpoint())
+    if reason is None:
+        return False
+    if not missing:
+        logger.info("Loading %s from the hub cache %s (%s).", repo_id, cache, reason)
+        return True
+    fixes = (
+        "run once with network access to fill the cache, set HF_HOME to a cache that has "
+        "them, or pass --weights PATH to a local checkpoint file"
+    )
+    if preset.timm_name.startswith(("hf-hub:", "hf_hub:")):
+        fixes += " (this preset also needs config.json of its repository in the cache)"
+    raise BackboneError(
+        f"Backbone {preset.name!r}: its {' and '.join(missing)} from the Hugging Face hub "
+        f"repository {repo_id} are not in the local cache {cache}, and the hub cannot be "
+        f"reached ({reason}). To fix it, {fixes}."
+    )
+
+
+def _is_cached(repo_id: str, filename: str, cache: Path) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=cache)
+    return isinstance(found, str)
+
+
+def _hub_unreachable_reason(endpoint: str) -> str | None:
+    """Describe why a TCP connection to ``endpoint`` failed; None when it succeeded."""
+    url = urlparse(endpoint)
+    host = url.hostname or endpoint
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=HUB_CONNECT_TIMEOUT_S):
+            return None
+    except OSError as err:
+        return f"no connection to {host}:{port} within {HUB_CONNECT_TIMEOUT_S:g} s: {err}"
+
+
+@contextmanager
+def _hub_offline_mode(enabled: bool) -> Iterator[None]:
+    """Switch huggingface_hub to offline mode (cache only, no requests) inside the block."""
+    if not enabled:
+        yield
+        return
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def _hub_errors() -> tuple[type[Exception], ...]:
+    """Transport errors of huggingface_hub's HTTP client, which are not OSError subclasses."""
+    errors: list[type[Exception]] = []
+    for module_name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module_name).HTTPError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
 
 
 def _load_state_dict_strict(

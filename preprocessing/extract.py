@@ -14,9 +14,11 @@ on CUDA and are converted, resized and normalised on the device. On CUDA the for
 under bf16/fp16 autocast in channels-last layout and the copy of batch k back to the host
 overlaps the forward pass of batch k + 1.
 
-Resume: a slide whose complete store exists with the same weights is skipped. A killed job
-leaves no complete store, only a temporary file or a lock, so the slide is recomputed next
-time. Sharding, locks and the manifest come from :mod:`preprocessing.jobs`.
+Resume: a slide whose complete, valid store exists with the same weights is skipped. A store
+with NaN or infinite rows, or with a row count that disagrees with its coords, is rebuilt.
+A killed job leaves no complete store, only a temporary file or a lock, so the slide is
+recomputed next time. ``overwrite`` recomputes every store. Sharding, locks and the manifest
+come from :mod:`preprocessing.jobs`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +48,7 @@ from preprocessing.errors import (
     BackboneError,
     ConfigError,
     IncompleteStoreError,
+    SlideOpenError,
     StoreFormatError,
     TileReadError,
 )
@@ -77,15 +80,18 @@ class ExtractConfig(BaseModel):
     Attributes:
         coords_dir: Folder of coords stores written by ``slidemil tile``.
         output_dir: Root of the feature stores; the stage writes ``<output_dir>/<backbone>/``.
-        slides: Optional slide list (folder, glob or CSV) naming the slides expected. Each slide
-            without a coords store then gets a failed manifest row. Without it, every coords
-            store in ``coords_dir`` is extracted.
+        slides: Optional slide list (folder, glob or CSV) naming the slides expected and where
+            they are now. Each listed path replaces the ``slide_path`` recorded in the slide's
+            coords store (for slides moved after tiling), and each slide without a coords store
+            gets a failed manifest row. Without it, every coords store in ``coords_dir`` is
+            extracted from the path its coords store records.
         backbone: A preset name (see ``slidemil extract --help``), a timm model name or an
             ``hf-hub:owner/repo`` id.
         weights: ``pretrained`` (default), ``random``, or a path to a checkpoint file.
         device: ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:<index>``.
         batch_size: Tiles per forward pass; halved automatically on CUDA out-of-memory.
         num_workers: DataLoader processes decoding tiles; 0 decodes in the main process.
+            None chooses automatically (see :func:`resolve_num_workers`).
         worker_start_method: ``fork``, ``spawn`` or ``forkserver``; None uses the platform
             default.
         prefetch_factor: Batches each worker decodes ahead.
@@ -102,6 +108,8 @@ class ExtractConfig(BaseModel):
             cannot be decoded; fewer failed tiles are skipped and the slide is ``partial``.
         shard: ``i/n`` to process every n-th slide starting at i; None reads
             ``SLURM_ARRAY_TASK_ID``.
+        overwrite: Recompute feature stores that are already complete, also those made with
+            other settings. Only the stores of the processed slides are replaced.
         skip_errors: Record a failed slide in the manifest and continue with the next one.
         progress: Show a progress bar with slides and tiles per second.
     """
@@ -115,7 +123,7 @@ class ExtractConfig(BaseModel):
     weights: str | None = None
     device: str = "auto"
     batch_size: int = Field(default=64, ge=1)
-    num_workers: int = Field(default=4, ge=0)
+    num_workers: int | None = Field(default=None, ge=0)
     worker_start_method: StartMethod | None = None
     prefetch_factor: int = Field(default=4, ge=1)
     precision: Precision = "auto"
@@ -126,6 +134,7 @@ class ExtractConfig(BaseModel):
     dtype: Literal["float16", "float32"] = "float16"
     max_failed_tile_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     shard: str | None = None
+    overwrite: bool = False
     skip_errors: bool = True
     progress: bool = True
 
@@ -161,6 +170,32 @@ def resolve_device(device: str) -> torch.device:
                 "devices exist."
             )
     return resolved
+
+
+def resolve_num_workers(requested: int | None, device: torch.device) -> int:
+    """Return the DataLoader worker count: ``requested``, or an automatic choice when None.
+
+    On the CPU the automatic choice is 0. Decoding and the forward pass compete for the same
+    cores there, and on a shared 2-core machine one worker was only 5 to 10 % faster than 0
+    (docs/extract.md) while costing a process per slide. On CUDA it is one worker per
+    available core minus one for the main process, at most 4.
+    """
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not available on macOS and Windows
+        cores = os.cpu_count() or 1
+    return max(0, min(4, cores - 1))
+
+
+def describe_precision(autocast_dtype: torch.dtype | None) -> str:
+    """Name the compute precision for logs: ``float32 (no autocast)`` or ``bfloat16 autocast``."""
+    if autocast_dtype is None:
+        return "float32 (no autocast)"
+    return f"{str(autocast_dtype).removeprefix('torch.')} autocast"
 
 
 def resolve_autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
@@ -616,6 +651,47 @@ def list_extract_inputs(cfg: ExtractConfig) -> list[SlideInput]:
     return [SlideInput(path.name[: -len(".h5")], path) for path in stores]
 
 
+def slide_path_overrides(spec: str | None) -> dict[str, Path]:
+    """Map slide id to slide file for a ``--slides`` folder, glob or CSV (empty without one)."""
+    if spec is None:
+        return {}
+    return {slide.slide_id: slide.path for slide in list_slides(spec)}
+
+
+def feature_store_problem(path: Path, n_coords: int | None = None) -> str | None:
+    """Describe why a complete feature store cannot be used; None when it is valid.
+
+    Checks that features and coords have the same number of rows and that every feature is
+    finite (read in blocks of ``WRITE_BLOCK_ROWS`` rows). When ``n_coords`` is given, the
+    stored rows plus the recorded failed tiles must also add up to the coords store's tiles.
+    """
+    try:
+        with open_feature_store(path) as store:
+            n_failed = int(store.attrs.get("n_failed_tiles", 0) or 0)
+            if n_coords is not None and store.n_tiles + n_failed != n_coords:
+                return (
+                    f"it has {store.n_tiles} rows and {n_failed} failed tiles but the coords "
+                    f"store lists {n_coords} tiles"
+                )
+            for start in range(0, store.n_tiles, WRITE_BLOCK_ROWS):
+                block = np.asarray(store.features[start : start + WRITE_BLOCK_ROWS])
+                finite = np.isfinite(block).all(axis=1)
+                if not finite.all():
+                    first = start + int(np.flatnonzero(~finite)[0])
+                    return f"it has NaN or infinite features, first at row {first}"
+    except (IncompleteStoreError, StoreFormatError, OSError) as err:
+        return f"it cannot be read ({' '.join(str(err).split())})"
+    return None
+
+
+def _count_coords(path: Path) -> int | None:
+    """Tiles in a coords store, or None when it cannot be read (the slide's run reports why)."""
+    try:
+        return read_coords_store(path).n_tiles
+    except (IncompleteStoreError, StoreFormatError, OSError):
+        return None
+
+
 class _SlideExtractor:
     """Per-slide work of the stage; builds the backbone on the first slide that needs it."""
 
@@ -624,6 +700,8 @@ class _SlideExtractor:
         self.out_dir = out_dir
         self.weights_id = weights_id
         self.device = resolve_device(cfg.device)
+        self.num_workers = resolve_num_workers(cfg.num_workers, self.device)
+        self.slide_paths = slide_path_overrides(cfg.slides)
         self._embedder: TileEmbedder | None = None
 
     @property
@@ -639,12 +717,13 @@ class _SlideExtractor:
                 tta_flips=self.cfg.tta_flips,
             )
             logger.info(
-                "Extracting with %s on %s (autocast %s, batch %d, %d workers).",
+                "Extracting with %s on %s (%s, batch %d, %d workers%s).",
                 backbone.preset.name,
                 self.device,
-                self._embedder.autocast_dtype,
+                describe_precision(self._embedder.autocast_dtype),
                 self.cfg.batch_size,
-                self.cfg.num_workers,
+                self.num_workers,
+                " chosen automatically" if self.cfg.num_workers is None else "",
             )
         return self._embedder
 
@@ -660,9 +739,16 @@ class _SlideExtractor:
         }
 
     def settings_differences(self, path: Path) -> list[str]:
-        """Describe how a complete store's settings differ from this run's (empty if equal)."""
-        with open_feature_store(path) as store:
-            attrs = store.attrs
+        """Describe how a complete store's settings differ from this run's (empty if equal).
+
+        A store whose attributes cannot be read has no comparable settings; it counts as
+        equal here and is rebuilt because :func:`feature_store_problem` reports it.
+        """
+        try:
+            with open_feature_store(path) as store:
+                attrs = store.attrs
+        except (IncompleteStoreError, StoreFormatError, OSError):
+            return []
         return [
             f"{key} {attrs.get(key)!r} (this run: {value!r})"
             for key, value in self.requested_settings().items()
@@ -670,10 +756,20 @@ class _SlideExtractor:
         ]
 
     def is_done(self, slide: SlideInput) -> bool:
+        """True for a complete, valid store made with this run's settings (and no overwrite)."""
         path = self.store_path(slide)
-        return is_complete_store(path) and not self.settings_differences(path)
+        if self.cfg.overwrite or not is_complete_store(path):
+            return False
+        if self.settings_differences(path):
+            return False
+        problem = feature_store_problem(path, _count_coords(slide.path))
+        if problem is not None:
+            logger.warning("%s: rebuilding %s because %s.", slide.slide_id, path, problem)
+            return False
+        return True
 
     def __call__(self, slide: SlideInput) -> SlideOutcome:
+        start = time.perf_counter()
         path = self.store_path(slide)
         self._reject_other_settings(path)
         _remove_stale_temporaries(path)
@@ -683,8 +779,10 @@ class _SlideExtractor:
                 "`slidemil tile` for this slide first."
             )
         coords_store = read_coords_store(slide.path)
-        grid = tile_grid_from_store(coords_store, slide.slide_id)
+        grid = self._locate_slide(tile_grid_from_store(coords_store, slide.slide_id), slide)
+        built_backbone = self._embedder is None
         embedder = self.embedder
+        backbone_seconds = time.perf_counter() - start if built_backbone else 0.0
 
         if coords_store.n_tiles == 0:
             result = SlideFeatures(
@@ -699,26 +797,19 @@ class _SlideExtractor:
                 grid,
                 embedder,
                 batch_size=self.cfg.batch_size,
-                num_workers=self.cfg.num_workers,
+                num_workers=self.num_workers,
                 dtype=self.cfg.dtype,
                 worker_start_method=self.cfg.worker_start_method,
                 prefetch_factor=self.cfg.prefetch_factor,
             )
         n_failed = int(result.failed_coords.shape[0])
         self._check_failed_fraction(slide, n_failed, coords_store.n_tiles, result.failed_coords)
+        self._check_finite(slide, result)
 
         attrs = feature_store_attrs(coords_store.attrs, embedder.backbone, self.cfg, n_failed)
         write_feature_store(path, result.features, result.coords, attrs, self.cfg)
         n_ok = int(result.coords.shape[0])
-        rate = n_ok / result.seconds if result.seconds > 0 else 0.0
-        logger.info(
-            "%s: %d tiles embedded in %.1f s (%.1f tiles/s) -> %s",
-            slide.slide_id,
-            n_ok,
-            result.seconds,
-            rate,
-            path,
-        )
+        self._log_timing(slide, n_ok, result.seconds, backbone_seconds, start, path)
         message = ""
         if n_failed:
             first = result.failed_coords[0]
@@ -731,14 +822,85 @@ class _SlideExtractor:
             status = "ok"
         return SlideOutcome(status=status, n_tiles=n_ok, message=message)
 
+    def _locate_slide(self, grid: TileGrid, slide: SlideInput) -> TileGrid:
+        """Apply the ``--slides`` location of the slide file and check that the file exists.
+
+        Raises:
+            SlideOpenError: The slide file is not found.
+        """
+        override = self.slide_paths.get(slide.slide_id)
+        if override is not None:
+            grid = replace(grid, slide_path=override)
+        if grid.slide_path.exists():
+            return grid
+        if override is not None:
+            raise SlideOpenError(
+                f"{grid.slide_path}: slide file of {slide.slide_id!r} not found; the path "
+                "comes from --slides. Check the slide list."
+            )
+        raise SlideOpenError(
+            f"{grid.slide_path}: slide file of {slide.slide_id!r} not found; the path comes "
+            f"from the coords store {slide.path} (attribute slide_path). If the slide moved "
+            "after tiling, pass its new location with --slides (folder, glob or CSV)."
+        )
+
+    def _log_timing(
+        self,
+        slide: SlideInput,
+        n_ok: int,
+        embed_seconds: float,
+        backbone_seconds: float,
+        start: float,
+        path: Path,
+    ) -> None:
+        # The total is what the manifest's `seconds` column records for the same call.
+        total = time.perf_counter() - start
+        rate = n_ok / embed_seconds if embed_seconds > 0 else 0.0
+        backbone_note = (
+            f" ({backbone_seconds:.1f} s building the backbone)" if backbone_seconds else ""
+        )
+        logger.info(
+            "%s: %d tiles, %.1f s for the slide%s, of which reading and embedding tiles "
+            "took %.1f s (%.1f tiles/s) -> %s",
+            slide.slide_id,
+            n_ok,
+            total,
+            backbone_note,
+            embed_seconds,
+            rate,
+            path,
+        )
+
     def _reject_other_settings(self, path: Path) -> None:
-        if not is_complete_store(path):
+        if self.cfg.overwrite or not is_complete_store(path):
             return
-        differences = "; ".join(self.settings_differences(path))
+        differences = self.settings_differences(path)
+        if not differences:
+            return
         raise ConfigError(
-            f"{path}: a complete feature store made with other settings exists: {differences}. "
-            "Delete the store or choose another --output-dir; slidemil never overwrites "
-            "features silently."
+            f"{path}: a complete feature store made with other settings exists: "
+            f"{'; '.join(differences)}. Rerun with --overwrite to replace it, delete the store "
+            "or choose another --output-dir; slidemil never overwrites features silently."
+        )
+
+    def _check_finite(self, slide: SlideInput, result: SlideFeatures) -> None:
+        """Reject features with NaN or infinite values before they reach a store.
+
+        Raises:
+            BackboneError: Some rows are not finite.
+        """
+        finite = np.isfinite(result.features).all(axis=1)
+        if finite.all():
+            return
+        bad = np.flatnonzero(~finite)
+        x, y = (int(value) for value in result.coords[bad[0]])
+        hint = "--precision fp32"
+        if self.cfg.dtype == "float16":
+            hint = "--dtype float32 (float16 stores overflow above 65504), " + hint
+        raise BackboneError(
+            f"{slide.slide_id}: backbone {self.cfg.backbone!r} produced NaN or infinite "
+            f"features for {bad.size} of {finite.size} tiles (first at level-0 x={x}, y={y}); "
+            f"no store was written. Try {hint}, or check the weights."
         )
 
     def _check_failed_fraction(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import numpy as np
@@ -263,12 +264,71 @@ def test_hub_failure_explains_fix(monkeypatch: pytest.MonkeyPatch) -> None:
         raise OSError("couldn't connect to huggingface.co")
 
     monkeypatch.setattr(timm, "create_model", offline)
+    # Let the build reach timm without the hub access check, which would open a connection.
+    monkeypatch.setattr(backbones, "check_hub_access", lambda *args: False)
 
     with pytest.raises(BackboneError, match="HF_TOKEN") as raised:
         create_backbone("uni")
 
     assert "hf-hub:MahmoodLab/UNI" in str(raised.value)
     assert "--weights PATH" in str(raised.value)
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty HF_HOME; huggingface_hub itself is switched offline so no test reaches out."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hf"
+
+
+def test_offline_hub_fails_fast(empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+
+    with pytest.raises(BackboneError) as raised:
+        create_backbone("resnet50_trunc")
+
+    assert time.perf_counter() - start < 10.0
+    message = str(raised.value)
+    assert "'resnet50_trunc'" in message
+    assert "weights" in message
+    assert f"not in the local cache {empty_hub_cache / 'hub'}" in message
+    assert "HF_HUB_OFFLINE is set" in message
+    assert "run once with network access" in message
+    assert "set HF_HOME" in message
+    assert "--weights PATH" in message
+
+
+def test_unreachable_hub_fails_fast(
+    empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+
+    def reject_connection(address: tuple[str, int], timeout: float) -> None:
+        raise ConnectionRefusedError(f"connection to {address[0]} refused")
+
+    monkeypatch.setattr(backbones.socket, "create_connection", reject_connection)
+
+    with pytest.raises(BackboneError, match="hub cannot be reached") as raised:
+        create_backbone("resnet50_trunc")
+
+    assert "no connection to huggingface.co:443" in str(raised.value)
+
+
+def test_offline_hub_preset_needs_config(
+    empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    with pytest.raises(BackboneError, match=r"config \(config.json\)") as raised:
+        create_backbone("uni", weights="random")
+
+    assert "MahmoodLab/UNI" in str(raised.value)
 
 
 def test_cls_mean_patch_pooling() -> None:

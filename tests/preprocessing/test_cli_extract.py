@@ -78,3 +78,16 @@ def test_extract_command_rejects_unknown_backbone(tmp_path: Path) -> None:
 
     assert result.exit_code == 1
     assert "Close matches" in result.output
+
+
+def test_extract_command_overwrite_redoes_store(tmp_path: Path) -> None:
+    _write_coords(tmp_path / "tiles", _find_slide("cmu-1-small-region.svs"), "cmu", n_tiles=2)
+    arguments = _arguments(tmp_path / "tiles", tmp_path / "features")
+    CliRunner().invoke(_app(), arguments)
+
+    skipped = CliRunner().invoke(_app(), arguments)
+    redone = CliRunner().invoke(_app(), [*arguments, "--overwrite"])
+
+    assert "0 slides extracted, 0 failed, 1 skipped" in skipped.output
+    assert redone.exit_code == 0, redone.output
+    assert "1 slides extracted, 0 failed, 0 skipped" in redone.output

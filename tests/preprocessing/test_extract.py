@@ -597,3 +597,154 @@ def test_resume_after_sigkill_matches(slide_path: Path, tmp_path: Path) -> None:
             np.testing.assert_array_equal(resumed_features, clean_store.read_features())
             np.testing.assert_array_equal(resumed_coords, clean_store.coords)
     assert not list(out_dir.glob("*.tmp-*"))
+
+
+# --------------------------------------------------------------------------------------------
+# Resume validity, overwrite and moved slides
+# --------------------------------------------------------------------------------------------
+
+
+def test_nan_store_rebuilt_on_resume(
+    slide_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write_coords(tmp_path / "tiles", slide_path, "cmu", n_tiles=3)
+    cfg = _config(tmp_path / "tiles", tmp_path / "features")
+    run_extraction(cfg)
+    store_path = tmp_path / "features" / SMALL_MODEL / "cmu.h5"
+    with h5py.File(store_path, "r+") as handle:
+        handle["features"][1] = np.nan
+
+    with caplog.at_level("WARNING", logger="preprocessing.extract"):
+        again = run_extraction(cfg)
+
+    assert (again.n_ok, again.n_skipped) == (1, 0)
+    assert "rebuilding" in caplog.text
+    assert "NaN or infinite features, first at row 1" in caplog.text
+    with open_feature_store(store_path) as store:
+        assert np.isfinite(store.read_features()).all()
+
+
+def test_store_shorter_than_coords_rebuilt(slide_path: Path, tmp_path: Path) -> None:
+    _write_coords(tmp_path / "tiles", slide_path, "cmu", n_tiles=2)
+    cfg = _config(tmp_path / "tiles", tmp_path / "features")
+    run_extraction(cfg)
+    _write_coords(tmp_path / "tiles", slide_path, "cmu", n_tiles=3)
+
+    again = run_extraction(cfg)
+
+    assert again.n_ok == 1
+    with open_feature_store(tmp_path / "features" / SMALL_MODEL / "cmu.h5") as store:
+        assert store.n_tiles == 3
+
+
+def test_overwrite_redoes_complete_store(slide_path: Path, tmp_path: Path) -> None:
+    _write_coords(tmp_path / "tiles", slide_path, "cmu", n_tiles=2)
+    run_extraction(_config(tmp_path / "tiles", tmp_path / "features"))
+    other_format = tmp_path / "features" / SMALL_MODEL / "keep.zarr"
+    other_format.mkdir()
+
+    redone = run_extraction(_config(tmp_path / "tiles", tmp_path / "features", overwrite=True))
+    replaced = run_extraction(
+        _config(tmp_path / "tiles", tmp_path / "features", overwrite=True, dtype="float32")
+    )
+
+    assert (redone.n_ok, redone.n_skipped) == (1, 0)
+    assert (replaced.n_ok, replaced.n_failed) == (1, 0)
+    with open_feature_store(tmp_path / "features" / SMALL_MODEL / "cmu.h5") as store:
+        assert store.attrs["dtype"] == "float32"
+    assert other_format.is_dir()
+
+
+def test_non_finite_features_not_written(
+    slide_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_coords(tmp_path / "tiles", slide_path, "cmu", n_tiles=2)
+    real_embed_slide = extract.embed_slide
+
+    def embed_with_nan(*args: object, **kwargs: object) -> extract.SlideFeatures:
+        result = real_embed_slide(*args, **kwargs)  # type: ignore[arg-type]
+        result.features[1] = np.inf
+        return result
+
+    monkeypatch.setattr(extract, "embed_slide", embed_with_nan)
+
+    result = run_extraction(_config(tmp_path / "tiles", tmp_path / "features"))
+
+    assert result.n_failed == 1
+    row = read_rows(tmp_path / "features" / SMALL_MODEL, "extract")["cmu"]
+    assert row.error_type == "backbone"
+    assert "--dtype float32" in row.message
+    assert not (tmp_path / "features" / SMALL_MODEL / "cmu.h5").exists()
+
+
+def test_moved_slide_found_with_slides_option(slide_path: Path, tmp_path: Path) -> None:
+    store = _write_coords(tmp_path / "tiles", slide_path, "cmu", n_tiles=2)
+    with h5py.File(store, "r") as handle:
+        attrs = dict(handle.attrs)
+        coords = handle["coords"][:]
+    attrs["slide_path"] = str(tmp_path / "old" / "cmu.svs")
+    write_coords_store(store, coords, attrs)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "cmu.svs").symlink_to(slide_path)
+
+    missing = run_extraction(_config(tmp_path / "tiles", tmp_path / "features"))
+    found = run_extraction(
+        _config(tmp_path / "tiles", tmp_path / "features", slides=str(moved))
+    )
+
+    assert missing.n_failed == 1
+    assert found.n_ok == 1
+    message = read_rows(tmp_path / "features" / SMALL_MODEL, "extract")["cmu"].message
+    assert message == ""
+
+
+def test_moved_slide_message_names_source(slide_path: Path, tmp_path: Path) -> None:
+    store = _write_coords(tmp_path / "tiles", slide_path, "cmu", n_tiles=2)
+    with h5py.File(store, "r") as handle:
+        attrs = dict(handle.attrs)
+        coords = handle["coords"][:]
+    attrs["slide_path"] = str(tmp_path / "old" / "cmu.svs")
+    write_coords_store(store, coords, attrs)
+
+    run_extraction(_config(tmp_path / "tiles", tmp_path / "features"))
+
+    row = read_rows(tmp_path / "features" / SMALL_MODEL, "extract")["cmu"]
+    assert row.error_type == "unreadable"
+    assert "not found" in row.message
+    assert f"coords store {store}" in row.message
+    assert "--slides" in row.message
+
+
+def test_num_workers_chosen_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert extract.resolve_num_workers(None, torch.device("cpu")) == 0
+    assert extract.resolve_num_workers(None, torch.device("cuda")) == 1
+    assert extract.resolve_num_workers(3, torch.device("cpu")) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert extract.resolve_num_workers(None, torch.device("cuda")) == 4
+
+
+def test_default_config_workers_automatic(tmp_path: Path) -> None:
+    cfg = ExtractConfig(coords_dir=tmp_path, output_dir=tmp_path)
+    assert cfg.num_workers is None
+
+
+def test_precision_described_for_log() -> None:
+    assert extract.describe_precision(None) == "float32 (no autocast)"
+    assert extract.describe_precision(torch.bfloat16) == "bfloat16 autocast"
+
+
+def test_log_seconds_match_manifest(
+    slide_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write_coords(tmp_path / "tiles", slide_path, "cmu", n_tiles=2)
+
+    with caplog.at_level("INFO", logger="preprocessing.extract"):
+        run_extraction(_config(tmp_path / "tiles", tmp_path / "features"))
+
+    row = read_rows(tmp_path / "features" / SMALL_MODEL, "extract")["cmu"]
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("cmu: "))
+    logged_total = float(line.split(" tiles, ")[1].split(" s for the slide")[0])
+    assert "building the backbone" in line
+    assert abs(logged_total - float(row.seconds)) <= 0.15
