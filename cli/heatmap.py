@@ -60,8 +60,9 @@ def command(
     ],
     output_dir: Annotated[
         Path,
-        typer.Option(file_okay=False, help="Output folder of <slide_id>.png, .geojson, "
-                     ".top_tiles.png and manifest.csv.", rich_help_panel=PANEL_INPUT),
+        typer.Option("--output-dir", "-o", file_okay=False, help="Output folder of "
+                     "<slide_id>.png, .geojson, .top_tiles.png and manifest.csv.",
+                     rich_help_panel=PANEL_INPUT),
     ],
     slides: Annotated[
         str | None,

@@ -84,5 +84,8 @@ class HeatmapConfig(BaseModel):
     def _check_raw_range(self) -> HeatmapConfig:
         low, high = self.raw_range
         if not high > low:
-            raise ValueError(f"raw_range must be (low, high) with low < high, got {self.raw_range}")
+            raise ValueError(
+                f"raw_range (--raw-min, --raw-max) must be (low, high) with low < high, got "
+                f"{self.raw_range}"
+            )
         return self

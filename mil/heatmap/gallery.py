@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (20, 20, 20)
+#: Colour of the 1-pixel frame around each tile, which shows its full square footprint even
+#: where the footprint reaches past the slide edge and is white.
+FRAME_COLOR = (140, 150, 170)
+#: Colour of the slide outside level 0, as the slide readers return it.
+OUTSIDE_COLOR = (255, 255, 255)
 
 
 class TileSource(Protocol):
@@ -86,6 +92,42 @@ def gallery_tiles(
     return out
 
 
+def square_tile(
+    pixels: np.ndarray,
+    x: int,
+    y: int,
+    tile_px_level0: float,
+    tile_px: int,
+    level0_size: tuple[int, int] | None,
+) -> np.ndarray:
+    """Return the tile as uint8 RGB [tile_px, tile_px, 3], white wherever it lies past the slide.
+
+    The slide readers already return white outside level 0. A tile that comes back smaller
+    than `tile_px` (a reader that crops at the edge) is placed at its top-left corner on white.
+    With `level0_size`, the part of the footprint past the slide's right or bottom edge is set
+    to white whatever the reader returned there.
+    """
+    square = np.empty((tile_px, tile_px, 3), dtype=np.uint8)
+    square[:] = OUTSIDE_COLOR
+    rgb = np.asarray(pixels)[..., :3]
+    height, width = min(rgb.shape[0], tile_px), min(rgb.shape[1], tile_px)
+    square[:height, :width] = rgb[:height, :width]
+    if level0_size is not None:
+        scale = tile_px / tile_px_level0
+        inside_x = math.ceil((level0_size[0] - x) * scale - 1e-6)
+        inside_y = math.ceil((level0_size[1] - y) * scale - 1e-6)
+        square[:, max(0, inside_x):] = OUTSIDE_COLOR
+        square[max(0, inside_y):, :] = OUTSIDE_COLOR
+    return square
+
+
+def crosses_edge(tile: GalleryTile, tile_px_level0: float, level0_size: tuple[int, int]) -> bool:
+    """True when the tile's footprint reaches past the right or bottom edge of level 0."""
+    return (
+        tile.x + tile_px_level0 > level0_size[0] or tile.y + tile_px_level0 > level0_size[1]
+    )
+
+
 def render_gallery(
     slide: TileSource,
     tiles: Sequence[GalleryTile],
@@ -99,10 +141,13 @@ def render_gallery(
     """Read each tile from the slide and lay them out in a labelled grid.
 
     Tiles are read at `read_level` (0 = full resolution) over their level-0 footprint and
-    resized to `tile_px` pixels, so memory is bounded by one footprint at a time.
+    resized to `tile_px` pixels, so memory is bounded by one footprint at a time. Every tile is
+    drawn square at its full footprint inside a thin frame. The part of a footprint past the
+    slide edge is white, and the title notes it when a tile has such a part.
 
     Args:
-        slide: reader with `read_tile`.
+        slide: reader with `read_tile`; its `dimensions` (level-0 width, height), when
+            present, mark the part of edge tiles past the slide.
         tiles: tiles in display order; each group starts a new block of rows.
         tile_px_level0: tile side in level-0 pixels.
         tile_px: side of each tile in the gallery, in pixels.
@@ -124,6 +169,12 @@ def render_gallery(
     groups: dict[str, list[GalleryTile]] = {}
     for tile in tiles:
         groups.setdefault(tile.group, []).append(tile)
+    dimensions = getattr(slide, "dimensions", None)
+    level0_size = (int(dimensions[0]), int(dimensions[1])) if dimensions is not None else None
+    if title and level0_size is not None and any(
+        crosses_edge(tile, tile_px_level0, level0_size) for tile in tiles
+    ):
+        title += " (white: past the slide edge)"
     columns = max(1, min(columns, max((len(members) for members in groups.values()), default=1)))
 
     header = font_px + 2 * pad
@@ -142,8 +193,14 @@ def render_gallery(
         for index, tile in enumerate(members):
             left = pad + (index % columns) * cell_width
             cell_top = top + (index // columns) * cell_height
-            pixels = slide.read_tile(tile.x, tile.y, tile_px_level0, read_level, tile_px)
-            image.paste(Image.fromarray(np.ascontiguousarray(pixels[..., :3])), (left, cell_top))
+            pixels = square_tile(
+                slide.read_tile(tile.x, tile.y, tile_px_level0, read_level, tile_px),
+                tile.x, tile.y, tile_px_level0, tile_px, level0_size,
+            )
+            image.paste(Image.fromarray(pixels), (left, cell_top))
+            draw.rectangle(
+                (left - 1, cell_top - 1, left + tile_px, cell_top + tile_px), outline=FRAME_COLOR
+            )
             if normalized_label == "percentile":
                 normalized_text = f"percentile {100 * tile.normalized:.1f}"
             else:

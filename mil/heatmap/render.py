@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -171,7 +172,7 @@ def thumbnail_max_size(level0_size: tuple[int, int], cfg: HeatmapConfig,
         raise ConfigError(
             f"slide {slide_id}: downsample {cfg.downsample:g} of a {level0_size[0]}x"
             f"{level0_size[1]} slide gives a {side} px thumbnail, above the limit of "
-            f"{MAX_THUMBNAIL_PX} px; use a downsample of at least {minimum:.2f}."
+            f"{MAX_THUMBNAIL_PX} px; use --downsample {minimum:.2f} or more, or --max-size."
         )
     return side
 
@@ -356,6 +357,7 @@ def render_slide(
         "predicted_class": predicted_class_name(store.attrs),
         "probability": store.attrs.get("probability"),
         "maps": [m.title for m in maps],
+        "attention_sha256": attention_digest(store),
         "files": files,
         "seconds": seconds,
         "complete": True,
@@ -364,12 +366,45 @@ def render_slide(
     return summary
 
 
-def is_complete_output(output_dir: Path, slide_id: str) -> bool:
-    """True when `output_dir` contains the summary of a finished `render_slide` of the slide."""
+#: Store attributes left out of `attention_digest`: they do not change the rendered outputs.
+DIGEST_EXCLUDED_ATTRS = frozenset({"complete", "slide_path"})
+
+
+def attention_digest(store: AttentionStore) -> str:
+    """Return the sha256 of a store's attention, coords and attributes, as hex.
+
+    Shapes and dtypes are hashed with the bytes. Of the attributes, `slide_path` is left out
+    because moved slides are passed with --slides and do not change the content.
+    """
+    digest = hashlib.sha256()
+    for array in (np.ascontiguousarray(store.attention), np.ascontiguousarray(store.coords)):
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    attrs = {k: v for k, v in store.attrs.items() if k not in DIGEST_EXCLUDED_ATTRS}
+    digest.update(json.dumps(attrs, sort_keys=True, default=_json_default).encode())
+    return digest.hexdigest()
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def read_summary(output_dir: Path, slide_id: str) -> dict[str, Any]:
+    """Return the slide's `<slide_id>.summary.json`, or an empty dict when it is unreadable."""
     path = OutputPaths(Path(output_dir), slide_id).summary
     try:
-        return bool(json.loads(path.read_text(encoding="utf-8")).get("complete"))
+        summary = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def is_complete_output(output_dir: Path, slide_id: str) -> bool:
+    """True when `output_dir` contains the summary of a finished `render_slide` of the slide."""
+    return bool(read_summary(output_dir, slide_id).get("complete"))
 
 

@@ -6,7 +6,8 @@ Outputs per slide, in `<output_dir>/`:
     <slide_id>.<head>.png          one map per head or branch of [N, H] attention (per_head)
     <slide_id>.geojson             tile polygons with scores as QuPath measurements
     <slide_id>.top_tiles.png|csv   gallery and table of the top_k highest and lowest tiles
-    <slide_id>.summary.json        written last; its presence marks the slide as done
+    <slide_id>.summary.json        written last; marks the slide as done for the attention
+                                   content whose digest it records
 
 plus `<output_dir>/manifest.csv` with one row per slide.
 """
@@ -17,7 +18,7 @@ import logging
 from pathlib import Path
 
 from mil.heatmap.config import HeatmapConfig
-from mil.heatmap.render import OutputPaths, is_complete_output, render_slide
+from mil.heatmap.render import attention_digest, is_complete_output, read_summary, render_slide
 from preprocessing.errors import ConfigError, SlideOpenError, StoreFormatError
 from preprocessing.inputs import SlideInput, list_slides
 from preprocessing.jobs import SlideOutcome, StageResult, run_slides
@@ -68,7 +69,7 @@ def _job_list(
     if not ids:
         raise ConfigError(
             f"{cfg.attention_dir}: no attention stores (*{ATTENTION_SUFFIX}) found. Run "
-            "`slidemil predict` first, or point attention_dir at its `attention` folder."
+            "`slidemil predict` first, or pass its `attention` folder with --attention-dir."
         )
     return [
         SlideInput(slide_id, stores.get(slide_id, folder / f"{slide_id}{ATTENTION_SUFFIX}"))
@@ -77,14 +78,24 @@ def _job_list(
 
 
 def _output_is_current(output_dir: Path, job: SlideInput) -> bool:
-    """True for complete outputs that are newer than the attention store they were made from."""
-    if not is_complete_output(output_dir, job.slide_id):
+    """True for complete outputs made from attention with the content the store has now.
+
+    Compares digests rather than modification times, so a store that `slidemil predict`
+    rewrote with the same content keeps its outputs.
+    """
+    if not is_complete_output(output_dir, job.slide_id) or not job.path.exists():
         return False
-    summary = OutputPaths(output_dir, job.slide_id).summary
+    recorded = read_summary(output_dir, job.slide_id).get("attention_sha256")
     try:
-        return summary.stat().st_mtime >= job.path.stat().st_mtime
-    except FileNotFoundError:
+        current = attention_digest(read_attention_store(job.path))
+    except (StoreFormatError, OSError) as err:
+        logger.debug("%s: cannot read %s for the resume check: %s", job.slide_id, job.path, err)
         return False
+    if recorded != current:
+        logger.info("%s: attention in %s changed since the last render; rendering again",
+                    job.slide_id, job.path)
+        return False
+    return True
 
 
 def render_one(cfg: HeatmapConfig, job: SlideInput, slide_path: Path | None) -> SlideOutcome:
@@ -97,7 +108,7 @@ def render_one(cfg: HeatmapConfig, job: SlideInput, slide_path: Path | None) -> 
     if not job.path.exists():
         raise StoreFormatError(
             f"{job.path}: attention file for slide {job.slide_id} not found. Run `slidemil "
-            "predict` on this slide, or drop it from slide_ids."
+            f"predict` on this slide, or leave out --slide-id {job.slide_id}."
         )
     store = read_attention_store(job.path)
     if slide_path is None:
@@ -124,9 +135,10 @@ def render_one(cfg: HeatmapConfig, job: SlideInput, slide_path: Path | None) -> 
 def run_heatmaps(cfg: HeatmapConfig) -> StageResult:
     """Write heatmaps, GeoJSON and galleries for every attention store, with a manifest.
 
-    Slides with complete outputs newer than their attention store are skipped unless
-    `cfg.overwrite`. A missing attention file or slide, or a malformed store, is a failed
-    manifest row; with `skip_errors` the other slides still run.
+    Slides whose complete outputs were made from attention with the same content (digest of
+    the attention, coords and attributes) are skipped unless `cfg.overwrite`. A missing
+    attention file or slide, or a malformed store, is a failed manifest row; with
+    `skip_errors` the other slides still run.
 
     Returns:
         Counts of rendered, failed and skipped slides and the manifest path.

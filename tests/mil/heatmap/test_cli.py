@@ -63,3 +63,26 @@ def test_command_rejects_empty_raw_range(tmp_path: Path,
     ])
     assert result.exit_code == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_command_accepts_short_output_option(
+    tmp_path: Path, make_case: Callable[..., SyntheticCase]
+) -> None:
+    make_case(tmp_path / "attention", "slide-a")
+    result = CliRunner().invoke(app, [
+        "--attention-dir", str(tmp_path / "attention"), "-o", str(tmp_path / "out"),
+        "--max-size", "128", "--top-k", "1",
+    ])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "slide-a.summary.json").exists()
+
+
+def test_empty_raw_range_message_names_options(tmp_path: Path,
+                                               make_case: Callable[..., SyntheticCase]) -> None:
+    make_case(tmp_path / "attention", "slide-a")
+    result = CliRunner().invoke(app, [
+        "--attention-dir", str(tmp_path / "attention"), "-o", str(tmp_path / "out"),
+        "--raw-min", "2", "--raw-max", "1",
+    ])
+    assert result.exit_code == 2
+    assert "--raw-min" in result.output

@@ -270,7 +270,7 @@ def test_too_large_thumbnail_rejected(synthetic_case: SyntheticCase, tmp_path: P
     cfg = HeatmapConfig(attention_dir=synthetic_case.store_path, output_dir=tmp_path,
                         downsample=0.25)
     with open_slide(synthetic_case.slide_path) as slide, pytest.raises(
-        ConfigError, match="at least 0.37"
+        ConfigError, match="--downsample 0.37 or more"
     ):
         render_slide(read_attention_store(synthetic_case.store_path), slide, tmp_path, cfg)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from mil.heatmap import HeatmapConfig, run_heatmaps
 from preprocessing.errors import ConfigError
+from preprocessing.stores import read_attention_store, write_attention_store
 
 if TYPE_CHECKING:
     from conftest import SyntheticCase
@@ -73,6 +75,8 @@ def test_missing_attention_file_is_manifest_row(
     assert row["error_type"] == "bad_store"
     assert "slide-x.h5" in row["message"]
     assert "not found" in row["message"]
+    assert "--slide-id slide-x" in row["message"]
+    assert "slide_ids" not in row["message"]
 
 
 def test_single_store_and_slide_override(tmp_path: Path,
@@ -99,8 +103,10 @@ def test_run_folder_with_attention_subfolder(
 
 def test_no_stores_is_config_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="no attention stores"):
+    with pytest.raises(ConfigError, match="no attention stores") as raised:
         run_heatmaps(_config(tmp_path / "empty", tmp_path / "out"))
+    assert "--attention-dir" in str(raised.value)
+    assert "attention_dir" not in str(raised.value).replace("--attention-dir", "")
 
 
 def test_missing_folder_is_config_error(tmp_path: Path) -> None:
@@ -128,3 +134,48 @@ def test_shard_selects_part(tmp_path: Path, make_case: Callable[..., SyntheticCa
     assert result.n_ok == 1
     assert (tmp_path / "out" / "slide-b.summary.json").exists()
     assert not (tmp_path / "out" / "slide-a.png").exists()
+
+
+def _rewrite_store(path: Path, attention_scale: float = 1.0) -> None:
+    """Write the store again, as a rerun of predict does, with a later modification time."""
+    store = read_attention_store(path)
+    write_attention_store(path, store.attention * attention_scale, store.coords, store.attrs)
+    later = path.stat().st_mtime + 60
+    os.utime(path, (later, later))
+
+
+def test_rerun_skips_rewritten_identical_store(
+    tmp_path: Path, make_case: Callable[..., SyntheticCase]
+) -> None:
+    case = make_case(tmp_path / "attention", "slide-a")
+    run_heatmaps(_config(case.store_path.parent, tmp_path / "out"))
+    _rewrite_store(case.store_path)
+
+    again = run_heatmaps(_config(case.store_path.parent, tmp_path / "out"))
+
+    assert (again.n_ok, again.n_skipped) == (0, 1)
+
+
+def test_rerun_renders_changed_attention(
+    tmp_path: Path, make_case: Callable[..., SyntheticCase]
+) -> None:
+    case = make_case(tmp_path / "attention", "slide-a")
+    run_heatmaps(_config(case.store_path.parent, tmp_path / "out"))
+    _rewrite_store(case.store_path, attention_scale=0.5)
+
+    again = run_heatmaps(_config(case.store_path.parent, tmp_path / "out"))
+
+    assert (again.n_ok, again.n_skipped) == (1, 0)
+
+
+def test_summary_without_digest_rendered_again(
+    tmp_path: Path, make_case: Callable[..., SyntheticCase]
+) -> None:
+    case = make_case(tmp_path / "attention", "slide-a")
+    run_heatmaps(_config(case.store_path.parent, tmp_path / "out"))
+    summary = tmp_path / "out" / "slide-a.summary.json"
+    summary.write_text(summary.read_text().replace("attention_sha256", "other_key"))
+
+    again = run_heatmaps(_config(case.store_path.parent, tmp_path / "out"))
+
+    assert again.n_ok == 1
