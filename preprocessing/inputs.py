@@ -140,19 +140,14 @@ def read_mpp_csv(path: Path) -> dict[str, float]:
     """Read a per-slide mpp override table with columns ``slide_id,mpp``.
 
     Raises:
-        ConfigError: missing columns, a non-positive or non-numeric mpp, or a repeated slide id.
+        ConfigError: missing columns, a non-numeric or implausible mpp (outside
+            `PLAUSIBLE_MPP_RANGE`), or a repeated slide id.
     """
     overrides: dict[str, float] = {}
     rows = _read_csv_rows(path, required=("slide_id", "mpp"))
     for line, row in rows:
         slide_id = (row.get("slide_id") or "").strip()
-        try:
-            mpp = validate_user_mpp(float((row.get("mpp") or "").strip()), "mpp")
-        except ValueError as err:
-            raise ConfigError(
-                f"{path}, line {line}: invalid mpp {row.get('mpp')!r} for slide {slide_id!r}. "
-                "Write µm per level-0 pixel as a positive number, e.g. 0.25."
-            ) from err
+        mpp = _parse_mpp_cell(row.get("mpp") or "", f"{path}, line {line}, slide {slide_id!r}")
         if slide_id in overrides:
             raise ConfigError(
                 f"{path}, line {line}: slide {slide_id!r} is listed twice. Keep one row per slide."
@@ -161,6 +156,25 @@ def read_mpp_csv(path: Path) -> dict[str, float]:
             raise ConfigError(f"{path}, line {line}: empty slide_id. Give every row a slide id.")
         overrides[slide_id] = mpp
     return overrides
+
+
+def _parse_mpp_cell(cell: str, where: str) -> float:
+    """Parse one CSV mpp cell; `where` names the file, line and slide for the message.
+
+    Raises:
+        ConfigError: the cell is not a number or lies outside the plausible mpp range.
+    """
+    text = cell.strip()
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise ConfigError(
+            f"{where}: invalid mpp {text!r}. Write µm per level-0 pixel as a number, e.g. 0.25."
+        ) from err
+    try:
+        return validate_user_mpp(value, "mpp")
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err} Correct this row of the CSV.") from err
 
 
 # NOTE: a DICOM slide is a folder of .dcm instances (one per level), and a folder or glob
@@ -193,13 +207,7 @@ def _read_slide_csv(path: Path) -> list[SlideInput]:
             slide_path = path.parent / slide_path
         mpp = None
         if (row.get("mpp") or "").strip():
-            try:
-                mpp = validate_user_mpp(float(row["mpp"]), "mpp")
-            except ValueError as err:
-                raise ConfigError(
-                    f"{path}, line {line}: invalid mpp {row['mpp']!r}. Write µm per level-0 pixel "
-                    "as a positive number or leave the cell empty."
-                ) from err
+            mpp = _parse_mpp_cell(row["mpp"], f"{path}, line {line}")
         slide_id = (row.get("slide_id") or "").strip() or None
         if slide_id is not None and (
             "/" in slide_id or "\\" in slide_id or slide_id.startswith(".")

@@ -8,10 +8,10 @@ The chain, first hit wins:
 4. vendor keys (Aperio ``MPP``, Philips pixel spacing, MIRAX, Ventana, OME ``PhysicalSizeX``);
 5. a default override for slides that carry none (``--mpp``).
 
-Values outside ``PLAUSIBLE_MPP_RANGE`` are skipped with a warning: TIFF writers put 72 or 96
-dots per inch into files that never had a physical resolution, which reads as 352.8 or 264.6 µm
-per pixel. Objective power is never used, because one nominal magnification maps to different
-resolutions on different scanners.
+Metadata values outside ``PLAUSIBLE_MPP_RANGE`` are skipped with a warning: TIFF writers put 72
+or 96 dots per inch into files that never had a physical resolution, which reads as 352.8 or
+264.6 µm per pixel. User values outside it are rejected with an error. Objective power is never
+used, because one nominal magnification maps to different resolutions on different scanners.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ def resolve_mpp(
             # The override still wins, because it is the user's explicit correction, but a
             # disagreement is worth a line in the log.
             logger.warning(
-                "mpp override %g µm/px replaces %g µm/px read from %s", mpp, found.mpp,
+                "mpp override %g µm/px replaces %g µm/px read from %s",
+                mpp,
+                found.mpp,
                 found.source,
             )
         return MppResult(mpp, OVERRIDE_SOURCE)
@@ -117,10 +119,23 @@ def _mpp_from_metadata(properties: Mapping[str, str]) -> MppResult:
 
 
 def validate_user_mpp(value: float, name: str) -> float:
-    """Return `value` as float, raising ValueError unless it is finite and positive."""
+    """Return `value` as float, raising ValueError unless it lies in `PLAUSIBLE_MPP_RANGE`.
+
+    User values get the same range as metadata, because a typo such as 50 for 0.50 would
+    otherwise tile the slide into thousands of tiles a few level-0 pixels wide.
+
+    Args:
+        value: µm per level-0 pixel supplied by the user.
+        name: where the value came from, for the message (``--mpp``, a CSV row).
+    """
     mpp = float(value)
-    if not (math.isfinite(mpp) and mpp > 0):
-        raise ValueError(f"{name} must be a positive number of µm per pixel, got {value!r}")
+    low, high = PLAUSIBLE_MPP_RANGE
+    if not (math.isfinite(mpp) and low <= mpp <= high):
+        raise ValueError(
+            f"{name} {value!r} µm per pixel is outside the plausible range {low:g} to {high:g} "
+            "µm per level-0 pixel. Scanners write about 0.25 (40x) or 0.5 (20x); check the "
+            "value for a misplaced decimal point."
+        )
     return mpp
 
 

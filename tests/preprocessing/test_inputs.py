@@ -79,6 +79,13 @@ def test_csv_with_bad_mpp(tmp_path: Path) -> None:
         list_slides(table)
 
 
+def test_csv_with_implausible_mpp(tmp_path: Path) -> None:
+    table = tmp_path / "cohort.csv"
+    table.write_text("path,mpp\na.svs,0.25\nb.svs,0.005\n")
+    with pytest.raises(ConfigError, match="line 3: mpp 0.005 .* outside the plausible range"):
+        list_slides(table)
+
+
 def test_duplicate_ids_rejected_with_all_paths(tmp_path: Path) -> None:
     _touch(tmp_path, "site1/case.svs", "site2/case.svs", "site2/other.svs")
     with pytest.raises(DuplicateSlideIdError) as info:
@@ -113,7 +120,9 @@ def test_mpp_csv(tmp_path: Path) -> None:
     ("content", "match"),
     [
         ("slide,mpp\na,0.25\n", "missing columns"),
-        ("slide_id,mpp\na,0\n", "line 2.*invalid mpp"),
+        ("slide_id,mpp\na,0\n", "line 2, slide 'a': mpp 0.0 .* outside the plausible range"),
+        ("slide_id,mpp\na,50\n", "line 2, slide 'a': mpp 50.0 .*Correct this row"),
+        ("slide_id,mpp\na,fast\n", "line 2, slide 'a': invalid mpp 'fast'"),
         ("slide_id,mpp\na,0.25\na,0.5\n", "line 3.*listed twice"),
         ("slide_id,mpp\n,0.5\n", "empty slide_id"),
     ],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from preprocessing.mpp import magnification_from_mpp, resolve_mpp
+from preprocessing.mpp import magnification_from_mpp, resolve_mpp, validate_user_mpp
 
 
 def test_openslide_property_first() -> None:
@@ -97,10 +97,17 @@ def test_unreadable_value_is_reported_and_skipped() -> None:
     assert "openslide.mpp-x: unreadable" in result.rejected[0]
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.25, float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [0.0, -0.25, float("nan"), float("inf"), 50.0, 0.005])
 def test_invalid_override_rejected(bad: float) -> None:
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="outside the plausible range 0.01 to 20"):
         resolve_mpp({}, override=bad)
+    with pytest.raises(ValueError, match=f"default mpp {bad!r}"):
+        resolve_mpp({}, default=bad)
+
+
+def test_plausible_user_mpp_accepted() -> None:
+    assert validate_user_mpp(0.01, "--mpp") == 0.01
+    assert validate_user_mpp(20, "--mpp") == 20.0
 
 
 def test_magnification_from_mpp() -> None:
