@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -89,11 +89,32 @@ class StageResult:
     n_ok: int
     n_failed: int
     n_skipped: int
+    stage: str = ""
 
     @property
     def ok(self) -> bool:
         """True when no slide failed."""
         return self.n_failed == 0
+
+    def summary(self, verb: str = "processed") -> str:
+        """One line for the user, e.g. ``tile: 1 slide tiled, 0 failed, 2 skipped; manifest …``.
+
+        Args:
+            verb: past participle of the stage's work (``tiled``, ``extracted``, ``rendered``).
+        """
+        prefix = f"{self.stage}: " if self.stage else ""
+        return (
+            f"{prefix}{plural(self.n_ok, 'slide')} {verb}, {self.n_failed} failed, "
+            f"{self.n_skipped} skipped; manifest {self.manifest_path}"
+        )
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def plural(count: int, noun: str) -> str:
+    """Return ``"1 slide"`` or ``"2 slides"``: the count with the noun in the matching number."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 @dataclass(frozen=True)
@@ -110,43 +131,84 @@ class ManifestRow:
     seconds: float | str = ""
 
 
-def parse_shard(shard: str | None, environ: dict[str, str] | None = None) -> tuple[int, int]:
+def parse_shard(shard: str | None, environ: Mapping[str, str] | None = None) -> tuple[int, int]:
     """Return (index, count) of this process's shard, 0 <= index < count.
 
     Args:
         shard: ``"i/n"`` with a zero-based index, or None to read the SLURM job array variables.
-            Then the index is ``SLURM_ARRAY_TASK_ID`` minus ``SLURM_ARRAY_TASK_MIN`` and the count
-            is ``SLURM_ARRAY_TASK_COUNT``. Without either, the result is ``(0, 1)``.
+            Then the index is ``(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) /
+            SLURM_ARRAY_TASK_STEP`` and the count is ``SLURM_ARRAY_TASK_COUNT``, so
+            ``--array=0-6:2`` gives tasks 0, 2, 4, 6 the indexes 0 to 3. Without either, the
+            result is ``(0, 1)``.
         environ: environment to read instead of ``os.environ`` (tests).
 
     Raises:
-        ConfigError: malformed shard or incomplete SLURM variables.
+        ConfigError: malformed shard or inconsistent SLURM variables.
     """
     env = os.environ if environ is None else environ
     if shard is None:
-        task_id = env.get("SLURM_ARRAY_TASK_ID")
-        if task_id is None:
-            return (0, 1)
-        try:
-            count = int(env["SLURM_ARRAY_TASK_COUNT"])
-            index = int(task_id) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        except (KeyError, ValueError) as err:
-            raise ConfigError(
-                f"SLURM_ARRAY_TASK_ID={task_id!r} is set but SLURM_ARRAY_TASK_COUNT/MIN are "
-                "missing or not integers. Pass --shard i/n explicitly."
-            ) from err
-        where = "SLURM_ARRAY_TASK_ID"
-    else:
-        try:
-            index_text, count_text = shard.split("/")
-            index, count = int(index_text), int(count_text)
-        except ValueError as err:
-            raise ConfigError(
-                f"Invalid shard {shard!r}; write it as i/n with 0 <= i < n, e.g. 0/4."
-            ) from err
-        where = "shard"
+        return _slurm_shard(env)
+    try:
+        return _parse_shard_text(shard)
+    except ValueError as err:
+        raise ConfigError(f"Invalid --shard: {err}") from err
+
+
+def check_shard(shard: str | None) -> str | None:
+    """Return `shard` unchanged if it is None or a valid ``"i/n"``; for config validators.
+
+    Raises:
+        ValueError: malformed shard or index out of range.
+    """
+    if shard is not None:
+        _parse_shard_text(shard)
+    return shard
+
+
+def _parse_shard_text(shard: str) -> tuple[int, int]:
+    try:
+        index_text, count_text = shard.split("/")
+        index, count = int(index_text), int(count_text)
+    except ValueError as err:
+        raise ValueError(
+            f"{shard!r} is not i/n; write it as i/n with 0 <= i < n, e.g. 0/4"
+        ) from err
     if count < 1 or not 0 <= index < count:
-        raise ConfigError(f"Invalid {where}: index {index} of {count}; need 0 <= index < count.")
+        raise ValueError(
+            f"{shard!r} asks for shard {index} of {count}, but the index must be 0 to "
+            f"{max(count - 1, 0)} (0 <= i < n)"
+        )
+    return (index, count)
+
+
+def _slurm_shard(env: Mapping[str, str]) -> tuple[int, int]:
+    task_id = env.get("SLURM_ARRAY_TASK_ID")
+    if task_id is None:
+        return (0, 1)
+    try:
+        count = int(env["SLURM_ARRAY_TASK_COUNT"])
+        offset = int(task_id) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        step = int(env.get("SLURM_ARRAY_TASK_STEP", "1"))
+    except (KeyError, ValueError) as err:
+        raise ConfigError(
+            f"SLURM_ARRAY_TASK_ID={task_id!r} is set but SLURM_ARRAY_TASK_COUNT, _MIN or _STEP "
+            "is missing or not an integer. Pass --shard i/n explicitly."
+        ) from err
+    variables = (
+        f"SLURM_ARRAY_TASK_ID={task_id}, _MIN={env.get('SLURM_ARRAY_TASK_MIN', '0')}, "
+        f"_STEP={step}, _COUNT={count}"
+    )
+    if step < 1 or offset % step:
+        raise ConfigError(
+            f"Invalid SLURM job array ({variables}): the task id is not min + k * step. "
+            "Pass --shard i/n explicitly."
+        )
+    index = offset // step
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(
+            f"Invalid SLURM job array ({variables}): task index {index} is not below the task "
+            "count. Pass --shard i/n explicitly, or give --array as a min-max:step range."
+        )
     return (index, count)
 
 
@@ -403,11 +465,17 @@ def run_slides(
 
     Returns:
         Counts of processed, failed and skipped slides and the manifest path.
+
+    Raises:
+        ConfigError: an invalid shard or SLURM job array, before any folder is made.
+        KeyboardInterrupt: re-raised after logging which slide was interrupted.
     """
     index, count = parse_shard(shard)
     selected = select_shard(slides, index, count)
     if count > 1:
-        logger.info("Shard %d/%d: %d of %d slides", index, count, len(selected), len(slides))
+        logger.info(
+            "Shard %d/%d: %d of %s", index, count, len(selected), plural(len(slides), "slide")
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     locks_dir = state_dir(output_dir, stage) / "locks"
     previous = read_rows(output_dir, stage)
@@ -418,8 +486,10 @@ def run_slides(
         task = bar.add_task(stage, total=len(selected), tiles=0, current="")
         n_tiles = 0
         last_manifest = time.monotonic()
+        current: SlideInput | None = None
         try:
             for slide in selected:
+                current = slide
                 bar.update(task, current=slide.slide_id)
                 lock = SlideLock(locks_dir / f"{slide.slide_id}.lock", stale_after_s)
                 with _claimed(lock) as acquired:
@@ -442,21 +512,41 @@ def run_slides(
                             if not skip_errors:
                                 raise error
                 bar.update(task, advance=1, tiles=n_tiles)
+                current = None
                 if time.monotonic() - last_manifest > MANIFEST_REFRESH_S:
                     write_manifest(output_dir, stage)
                     last_manifest = time.monotonic()
+        except KeyboardInterrupt:
+            _log_interrupt(stage, current, n_ok + n_failed + n_skipped, len(selected))
+            raise
         finally:
             manifest = write_manifest(output_dir, stage)
 
-    logger.info(
-        "%s: %d slides processed, %d failed, %d skipped; manifest %s",
+    result = StageResult(manifest, n_ok, n_failed, n_skipped, stage)
+    # The command line prints the summary with the stage's own verb; this line is for the log.
+    logger.debug("%s", result)
+    return result
+
+
+def _log_interrupt(stage: str, slide: SlideInput | None, n_done: int, n_total: int) -> None:
+    """Log where an interrupt (Ctrl-C, SIGINT) stopped a stage and what the next run redoes."""
+    if slide is None:
+        logger.warning(
+            "%s: interrupted after %d of %d slides; the next run continues with the rest.",
+            stage,
+            n_done,
+            n_total,
+        )
+        return
+    logger.warning(
+        "%s: interrupted while processing %s (%d of %d slides done). Outputs are written "
+        "atomically, so finished slides are kept and %s will be redone on the next run.",
         stage,
-        n_ok,
-        n_failed,
-        n_skipped,
-        manifest,
+        slide.slide_id,
+        n_done,
+        n_total,
+        slide.slide_id,
     )
-    return StageResult(manifest, n_ok, n_failed, n_skipped)
 
 
 def _run_one(

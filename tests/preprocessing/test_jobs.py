@@ -18,6 +18,8 @@ from preprocessing.inputs import SlideInput
 from preprocessing.jobs import (
     SlideLock,
     SlideOutcome,
+    StageResult,
+    check_shard,
     parse_shard,
     run_slides,
     select_shard,
@@ -46,6 +48,86 @@ def test_parse_shard() -> None:
 def test_parse_shard_rejects(shard: str) -> None:
     with pytest.raises(ConfigError, match="shard"):
         parse_shard(shard, environ={})
+
+
+def test_slurm_array_with_step() -> None:
+    # --array=0-6:2 runs tasks 0, 2, 4 and 6, which are shards 0 to 3 of 4.
+    slurm = {
+        "SLURM_ARRAY_TASK_MIN": "0",
+        "SLURM_ARRAY_TASK_COUNT": "4",
+        "SLURM_ARRAY_TASK_STEP": "2",
+    }
+    indexes = [
+        parse_shard(None, environ={**slurm, "SLURM_ARRAY_TASK_ID": str(task)})
+        for task in (0, 2, 4, 6)
+    ]
+    assert indexes == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    shifted = {**slurm, "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_ID": "14"}
+    assert parse_shard(None, environ=shifted) == (2, 4)
+
+
+def test_slurm_task_off_the_step_rejected() -> None:
+    slurm = {
+        "SLURM_ARRAY_TASK_ID": "3",
+        "SLURM_ARRAY_TASK_MIN": "0",
+        "SLURM_ARRAY_TASK_COUNT": "4",
+        "SLURM_ARRAY_TASK_STEP": "2",
+    }
+    with pytest.raises(ConfigError, match="SLURM_ARRAY_TASK_ID=3.*not min \\+ k \\* step"):
+        parse_shard(None, environ=slurm)
+
+
+@pytest.mark.parametrize("shard", ["3/2", "2/2", "x/2", "1-2"])
+def test_check_shard_rejects(shard: str) -> None:
+    with pytest.raises(ValueError, match=shard):
+        check_shard(shard)
+    assert check_shard("1/2") == "1/2"
+    assert check_shard(None) is None
+
+
+def test_bad_shard_makes_no_folder(tmp_path: Path) -> None:
+    output_dir = tmp_path / "out"
+    with pytest.raises(ConfigError, match="--shard"):
+        run_slides(
+            _slides(2),
+            lambda slide: SlideOutcome(),
+            stage="extract",
+            output_dir=output_dir,
+            is_done=lambda s: False,
+            shard="3/2",
+            progress=False,
+        )
+    assert not output_dir.exists()
+
+
+def test_summary_pluralises() -> None:
+    manifest = Path("out/manifest.csv")
+    one = StageResult(manifest, 1, 0, 2, "tile")
+    assert one.summary("tiled") == f"tile: 1 slide tiled, 0 failed, 2 skipped; manifest {manifest}"
+    none = StageResult(manifest, 0, 1, 0, "heatmap")
+    assert none.summary("rendered").startswith("heatmap: 0 slides rendered, 1 failed")
+    assert str(StageResult(manifest, 3, 0, 0)).startswith("3 slides processed")
+
+
+def test_interrupt_logs_the_slide(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def process(slide: SlideInput) -> SlideOutcome:
+        if slide.slide_id == "slide-01":
+            raise KeyboardInterrupt
+        return SlideOutcome("ok", 3)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_slides(
+            _slides(3),
+            process,
+            stage="tile",
+            output_dir=tmp_path,
+            is_done=lambda s: False,
+            progress=False,
+        )
+    assert "interrupted while processing slide-01" in caplog.text
+    assert "slide-01 will be redone on the next run" in caplog.text
+    assert [row["id"] for row in _manifest(tmp_path / "manifest.csv")] == ["slide-00"]
+    assert not list((state_dir(tmp_path, "tile") / "locks").iterdir())
 
 
 def test_slurm_without_count_rejected() -> None:
