@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cli.logs import console
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 _GRID = "Tile grid"
 _TISSUE = "Tissue detection"
@@ -29,7 +32,10 @@ def command(
     slides: Annotated[
         str,
         typer.Argument(
-            help="Folder of slides, glob pattern (quote it) or CSV with a 'path' column."
+            metavar="SLIDES",
+            help="Slides to tile: a folder, a glob pattern (quote it, e.g. 'data/*.svs') or a "
+            "CSV with a 'path' column and optional 'slide_id' and 'mpp' columns.",
+            show_default=False,
         ),
     ],
     output_dir: Annotated[
@@ -79,8 +85,8 @@ def command(
     mpp: Annotated[
         float | None,
         typer.Option(
-            min=0.001,
-            help="µm per level-0 pixel for slides whose files carry none.",
+            help="µm per level-0 pixel for slides whose files carry none (0.01 to 20); slides "
+            "with their own value keep it.",
             rich_help_panel=_RESOLUTION,
         ),
     ] = None,
@@ -105,7 +111,8 @@ def command(
         typer.Option(
             min=0,
             max=255,
-            help="Fixed threshold on 0..255 saturation or brightness; default Otsu.",
+            help="Fixed threshold on 0..255 saturation (brightfield) or blurred brightness "
+            "(fluorescence); default Otsu.",
             rich_help_panel=_TISSUE,
         ),
     ] = None,
@@ -193,6 +200,7 @@ def command(
 ) -> None:
     """Detect tissue and write level-0 tile coordinates for every slide."""
     from pydantic import ValidationError
+    from rich.markup import escape
 
     from preprocessing.errors import SlidemilError
     from preprocessing.tiling import TilingConfig, run_tiling
@@ -225,15 +233,22 @@ def command(
         )
         result = run_tiling(cfg)
     except ValidationError as err:
-        console.print(f"[red]error:[/red] invalid tiling options:\n{err}")
+        console.print(f"[red]error:[/red] invalid tiling options:\n{escape(_option_errors(err))}")
         raise typer.Exit(code=2) from err
     except SlidemilError as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(code=1) from err
 
-    console.print(
-        f"tile: {result.n_ok} slides tiled, {result.n_failed} failed, {result.n_skipped} skipped; "
-        f"manifest {result.manifest_path}"
-    )
+    console.print(result.summary("tiled"))
     if result.n_failed:
         raise typer.Exit(code=1)
+
+
+def _option_errors(err: ValidationError) -> str:
+    """One line per invalid option, named as on the command line (``--overlap-px``)."""
+    lines = []
+    for error in err.errors():
+        options = ", ".join(f"--{str(part).replace('_', '-')}" for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"  {options}: {message}" if options else f"  {message}")
+    return "\n".join(lines)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import os
 from collections.abc import Mapping
 from importlib import metadata
@@ -23,15 +25,15 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from preprocessing import jobs
 from preprocessing.contours import mask_polygons, tissue_geojson
-from preprocessing.errors import ConfigError, TileReadError
+from preprocessing.errors import ConfigError, SlidemilError, TileReadError
 from preprocessing.grid import GridGeometry, grid_geometry, tile_grid, tissue_fractions
 from preprocessing.inputs import SlideInput, list_slides, read_mpp_csv
-from preprocessing.mpp import magnification_from_mpp
-from preprocessing.qc import draw_qc, save_png
+from preprocessing.mpp import OVERRIDE_SOURCE, magnification_from_mpp, validate_user_mpp
+from preprocessing.qc import draw_qc, save_png, stretch_contrast
 from preprocessing.slide import Slide, open_slide
 from preprocessing.stores import is_complete_store, read_coords_store, write_coords_store
 from preprocessing.tissue import TissueMask, TissueMethod, TissueSettings, detect_tissue
@@ -47,6 +49,28 @@ MIN_THUMBNAIL_PX_PER_TILE = 8.0
 MAX_LOGGED_BAD_TILES = 10
 #: Store attributes that must match the config for an existing store to be reused.
 GEOMETRY_ATTRS = ("target_mpp", "tile_px", "overlap_px", "min_tissue_fraction")
+#: Config fields that change a store's tiles besides `GEOMETRY_ATTRS`. Their values are kept
+#: as JSON in the store attribute `tiling_settings`, because the attributes `tissue_method`,
+#: `tissue_threshold` and `tissue_mpp` hold what detection resolved (e.g. the Otsu threshold).
+TISSUE_SETTING_FIELDS = (
+    "tissue_method",
+    "tissue_threshold",
+    "tissue_mpp",
+    "smoothing_um",
+    "min_tissue_area_um2",
+    "min_hole_area_um2",
+    "remove_pen_marks",
+    "level_tolerance",
+)
+#: Settings stored as plain attributes by stores written before `tiling_settings` existed.
+LEGACY_TISSUE_ATTRS = (
+    "smoothing_um",
+    "min_tissue_area_um2",
+    "min_hole_area_um2",
+    "remove_pen_marks",
+)
+#: A stride below this fraction of `tile_px` is logged as a warning with the tile count growth.
+MIN_STRIDE_FRACTION = 0.25
 
 
 class TilingConfig(BaseModel):
@@ -90,11 +114,24 @@ class TilingConfig(BaseModel):
     shard: str | None = None
     progress: bool = True
 
+    @field_validator("mpp")
+    @classmethod
+    def _check_mpp(cls, value: float | None) -> float | None:
+        if value is None:
+            return None
+        return validate_user_mpp(value, "mpp")
+
+    @field_validator("shard")
+    @classmethod
+    def _check_shard(cls, value: str | None) -> str | None:
+        return jobs.check_shard(value)
+
     @model_validator(mode="after")
     def _check_overlap(self) -> TilingConfig:
         if self.overlap_px >= self.tile_px:
             raise ValueError(
-                f"overlap_px ({self.overlap_px}) must be below tile_px ({self.tile_px})"
+                f"the overlap ({self.overlap_px} px) must be smaller than the tile "
+                f"({self.tile_px} px): set --overlap-px below --tile-px"
             )
         return self
 
@@ -119,9 +156,12 @@ def run_tiling(cfg: TilingConfig) -> jobs.StageResult:
     """Tile every slide of `cfg.slides`; see the module docstring for the outputs.
 
     Raises:
-        ConfigError / DuplicateSlideIdError: before any slide is processed.
+        ConfigError / DuplicateSlideIdError: before any slide is processed or any folder made.
         SlidemilError: the first failing slide's error when `cfg.skip_errors` is False.
     """
+    # The SLURM variables are read here, so a bad array set-up fails before any work.
+    jobs.parse_shard(cfg.shard)
+    _warn_dense_overlap(cfg)
     slides = list_slides(cfg.slides, recursive=cfg.recursive)
     overrides = read_mpp_csv(cfg.mpp_csv) if cfg.mpp_csv is not None else {}
     unknown = sorted(set(overrides) - {s.slide_id for s in slides})
@@ -134,9 +174,11 @@ def run_tiling(cfg: TilingConfig) -> jobs.StageResult:
     _save_config(cfg, output_dir / "tiling_config.yaml")
 
     def is_done(slide: SlideInput) -> bool:
-        return not cfg.overwrite and _reusable_store(
-            coords_store_path(output_dir, slide.slide_id), cfg
-        )
+        if cfg.overwrite:
+            return False
+        mpp_override = overrides.get(slide.slide_id, slide.mpp)
+        store_path = coords_store_path(output_dir, slide.slide_id)
+        return _reusable_store(store_path, slide, cfg, mpp_override)
 
     def process(slide: SlideInput) -> jobs.SlideOutcome:
         mpp_override = overrides.get(slide.slide_id, slide.mpp)
@@ -164,10 +206,20 @@ def tile_slide(
         slide_input.path, mpp=mpp_override, default_mpp=cfg.mpp, slide_id=slide_input.slide_id
     ) as slide:
         slide_mpp = slide.require_mpp()
+        if cfg.mpp is not None and mpp_override is None and slide.mpp_source != OVERRIDE_SOURCE:
+            logger.info(
+                "%s: uses its own resolution %g µm/px from %s; --mpp %g only fills in slides "
+                "without one (use --mpp-csv to replace a slide's value)",
+                slide.slide_id,
+                slide_mpp,
+                slide.mpp_source,
+                cfg.mpp,
+            )
         try:
             geometry = grid_geometry(cfg.tile_px, cfg.overlap_px, cfg.target_mpp, slide_mpp)
         except ValueError as err:
             raise ConfigError(f"{slide.path}: {err}") from err
+        size_note = _tile_size_note(slide, geometry, cfg)
         read_level = slide.best_level_for_mpp(cfg.target_mpp, cfg.level_tolerance)
         if cfg.target_mpp < slide_mpp * (1 - cfg.level_tolerance):
             logger.warning(
@@ -190,6 +242,8 @@ def tile_slide(
             coords, bad = _verify_tiles(slide, coords, geometry, read_level, cfg.tile_px)
 
         status, message = _status(len(coords), len(bad), cfg.max_bad_tile_fraction)
+        if size_note:
+            message = f"{message}; {size_note}" if message else size_note
         attrs = coords_attrs(slide, cfg, geometry, read_level, tissue, thumbnail_mpp, status)
         attrs.update(n_grid_tiles=len(grid), n_bad_tiles=len(bad))
 
@@ -198,7 +252,9 @@ def tile_slide(
             polygons, scale, slide_mpp, {"slide_id": slide.slide_id, "tissue_method": tissue.method}
         )
         _write_json(output_dir / "tissue" / f"{slide.slide_id}.geojson", geojson)
-        qc = draw_qc(thumbnail, polygons, coords, geometry.tile_px_level0, scale)
+        display = stretch_contrast(thumbnail) if tissue.method == "brightness" else thumbnail
+        caption = _qc_caption(slide, cfg, tissue.method, len(coords), status)
+        qc = draw_qc(display, polygons, coords, geometry.tile_px_level0, scale, caption)
         save_png(qc, output_dir / "qc" / f"{slide.slide_id}.png")
         write_coords_store(store_path, coords, attrs)
 
@@ -243,6 +299,7 @@ def coords_attrs(
         "min_hole_area_um2": float(cfg.min_hole_area_um2),
         "remove_pen_marks": bool(cfg.remove_pen_marks),
         "min_tissue_fraction": float(cfg.min_tissue_fraction),
+        "tiling_settings": json.dumps(_tissue_settings_of(cfg), sort_keys=True),
         "status": status,
         "slidemil_version": _version(),
         # TRIDENT / CLAM names with the same meaning.
@@ -252,6 +309,54 @@ def coords_attrs(
         "level0_magnification": magnification_from_mpp(slide.require_mpp()),
         "overlap": int(cfg.overlap_px),
     }
+
+
+def _tissue_settings_of(cfg: TilingConfig) -> dict[str, Any]:
+    """`TISSUE_SETTING_FIELDS` of a config as JSON-ready values."""
+    dumped = cfg.model_dump(mode="json")
+    return {name: dumped[name] for name in TISSUE_SETTING_FIELDS}
+
+
+def _warn_dense_overlap(cfg: TilingConfig) -> None:
+    """Warn when the overlap leaves a stride below `MIN_STRIDE_FRACTION` of a tile."""
+    stride_px = cfg.tile_px - cfg.overlap_px
+    if stride_px >= MIN_STRIDE_FRACTION * cfg.tile_px:
+        return
+    growth = (cfg.tile_px / stride_px) ** 2
+    logger.warning(
+        "--overlap-px %d with --tile-px %d leaves a stride of %d px, so every slide gets about "
+        "%s times the tiles of a grid without overlap. Keep the overlap below %d px unless "
+        "that is intended.",
+        cfg.overlap_px,
+        cfg.tile_px,
+        stride_px,
+        f"{growth:,.0f}",
+        round((1 - MIN_STRIDE_FRACTION) * cfg.tile_px),
+    )
+
+
+def _tile_size_note(slide: Slide, geometry: GridGeometry, cfg: TilingConfig) -> str:
+    """Warn and describe the problem when one tile is wider or taller than the scanned area."""
+    _, _, width, height = slide.bounds
+    if geometry.tile_px_level0 <= min(width, height):
+        return ""
+    note = (
+        f"one tile spans {geometry.tile_px_level0:,.0f} level-0 px, more than the scanned "
+        f"area of {width} x {height} px; check the slide resolution "
+        f"{slide.require_mpp():g} µm/px (from {slide.mpp_source}) and --target-mpp "
+        f"{cfg.target_mpp:g} / --tile-px {cfg.tile_px}"
+    )
+    logger.warning("%s: %s", slide.slide_id, note)
+    return note
+
+
+def _qc_caption(slide: Slide, cfg: TilingConfig, method: str, n_tiles: int, status: str) -> str:
+    # "um" rather than "µm": Pillow's built-in font has no glyph for µ.
+    return (
+        f"{slide.slide_id} | slide {slide.require_mpp():.4g} um/px ({slide.mpp_source}) | "
+        f"target {cfg.target_mpp:g} um/px, {cfg.tile_px} px tiles | tissue: {method} | "
+        f"{n_tiles} {'tile' if n_tiles == 1 else 'tiles'} | {status}"
+    )
 
 
 def _detection_thumbnail(
@@ -320,32 +425,86 @@ def _status(n_tiles: int, n_bad: int, max_bad_fraction: float) -> tuple[str, str
             return "partial", message
         return "ok", message
     if n_tiles == 0:
-        return "no_tissue", "no tile reached min_tissue_fraction; the store is empty"
+        return "no_tissue", "no tile reached --min-tissue-fraction; the store is empty"
     return "ok", ""
 
 
-def _reusable_store(path: Path, cfg: TilingConfig) -> bool:
-    """True when a complete store with the config's grid settings exists.
+def _reusable_store(
+    path: Path, slide_input: SlideInput, cfg: TilingConfig, mpp_override: float | None
+) -> bool:
+    """True when a complete store with the config's settings and the slide's mpp exists.
+
+    The slide is opened to resolve its mpp as `tile_slide` would now, so a corrected --mpp or
+    --mpp-csv value is noticed. A slide that cannot be opened is not reusable; `tile_slide`
+    then records why.
 
     Raises:
-        ConfigError: a complete store exists but was written with other grid settings.
+        ConfigError: a complete store exists but was written with other settings.
     """
     if not is_complete_store(path):
         if path.exists():
             logger.warning("%s: incomplete or unreadable store; tiling the slide again", path)
         return False
     attrs = read_coords_store(path).attrs
-    expected = {name: getattr(cfg, name) for name in GEOMETRY_ATTRS}
-    different = {
-        name: attrs.get(name) for name, value in expected.items() if attrs.get(name) != value
-    }
-    if different:
+    try:
+        with open_slide(
+            slide_input.path, mpp=mpp_override, default_mpp=cfg.mpp, slide_id=slide_input.slide_id
+        ) as slide:
+            current_mpp, current_source = slide.mpp, slide.mpp_source
+    except SlidemilError as err:
+        logger.debug("%s: cannot check the existing store against the slide: %s", path, err)
+        return False
+
+    differences = _setting_differences(attrs, cfg)
+    stored_mpp = attrs.get("slide_mpp")
+    same_mpp = (
+        current_mpp is not None
+        and isinstance(stored_mpp, numbers.Real)
+        and math.isclose(float(stored_mpp), current_mpp, rel_tol=1e-6)
+        and attrs.get("mpp_source") == (current_source or "")
+    )
+    if not same_mpp:
+        now = "none" if current_mpp is None else f"{current_mpp:g} µm/px from {current_source}"
+        differences.append(
+            f"slide resolution (--mpp, --mpp-csv or the file): {stored_mpp:g} µm/px from "
+            f"{attrs.get('mpp_source')} in the store, {now} now"
+            if isinstance(stored_mpp, numbers.Real)
+            else f"slide resolution: {stored_mpp!r} in the store, {now} now"
+        )
+    if differences:
         raise ConfigError(
-            f"{path}: existing store was written with {different}, but the config asks for "
-            f"{ {name: expected[name] for name in different} }. Use --overwrite to replace it or "
+            f"{path}: the existing store was written with other settings: "
+            + "; ".join(differences)
+            + ". Rerun with --overwrite (overwrite: true in a pipeline YAML) to replace it, or "
             "choose another output folder."
         )
     return True
+
+
+def _setting_differences(attrs: Mapping[str, Any], cfg: TilingConfig) -> list[str]:
+    """Describe each grid or tissue setting of the store that differs from `cfg`."""
+    stored: dict[str, Any] = {name: attrs.get(name) for name in GEOMETRY_ATTRS}
+    expected: dict[str, Any] = {name: getattr(cfg, name) for name in GEOMETRY_ATTRS}
+    if "tiling_settings" in attrs:
+        stored.update(json.loads(str(attrs["tiling_settings"])))
+        expected.update(_tissue_settings_of(cfg))
+    else:
+        # Stores written before `tiling_settings` existed record only these tissue settings.
+        stored.update({name: attrs.get(name) for name in LEGACY_TISSUE_ATTRS})
+        expected.update({name: getattr(cfg, name) for name in LEGACY_TISSUE_ATTRS})
+    return [
+        f"--{name.replace('_', '-')}: {stored[name]!r} in the store, {expected[name]!r} now"
+        for name in expected
+        if not _same_setting(stored.get(name), expected[name])
+    ]
+
+
+def _same_setting(stored: Any, expected: Any) -> bool:
+    if isinstance(expected, bool) or expected is None or isinstance(expected, str):
+        return bool(stored == expected)
+    if isinstance(stored, numbers.Real) and not isinstance(stored, (bool, np.bool_)):
+        return math.isclose(float(stored), float(expected), rel_tol=1e-9, abs_tol=1e-12)
+    return False
 
 
 def _write_json(path: Path, content: Mapping[str, Any]) -> None:

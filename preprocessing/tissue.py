@@ -2,8 +2,13 @@
 
 Brightfield (H&E, IHC): tissue is coloured and the glass is white or grey, so a pixel is tissue
 when its HSV saturation exceeds an Otsu threshold. Fluorescence: the background is dark, so the
-brightest channel is thresholded instead. ``method="auto"`` picks fluorescence when the median
-brightness of the thumbnail is below `DARK_BACKGROUND_LEVEL`. The raw mask is then smoothed
+brightest channel is thresholded instead. A nuclear stain such as DAPI lights up nuclei and
+leaves the cytoplasm and stroma between them almost as dark as the glass, so the brightest
+channel is first blurred with a Gaussian of `FLUORESCENCE_BLUR_UM`, which turns scattered nuclei
+into one continuous signal, and Otsu's threshold is taken on the logarithm of that signal, where
+glass, faint tissue and bright nuclei are spaced evenly enough for Otsu to split glass from
+tissue rather than nuclei from everything else. ``method="auto"`` picks fluorescence when the
+median brightness of the thumbnail is below `DARK_BACKGROUND_LEVEL`. The raw mask is then smoothed
 (closing, then opening, with a disk of `smoothing_um`), fragments smaller than
 `min_tissue_area_um2` are dropped and holes smaller than `min_hole_area_um2` are filled.
 """
@@ -30,6 +35,14 @@ DARK_BACKGROUND_LEVEL = 64.0
 PEN_HUE_RANGES_DEG = ((70.0, 185.0), (190.0, 250.0))
 PEN_MIN_SATURATION = 0.30
 
+#: Gaussian sigma in µm applied to the fluorescence signal before thresholding. Nuclei are about
+#: 10 µm apart in most tissues, so this bridges the dark gaps between them but not the wider
+#: gaps between a section and the glass around it.
+FLUORESCENCE_BLUR_UM = 16.0
+#: The median tissue signal must be at least this many times the median glass signal (both
+#: plus one, on the 0..255 scale); below that the Otsu cut lies inside noise and there is no tissue.
+MIN_FLUORESCENCE_CONTRAST = 1.5
+
 
 @dataclass(frozen=True)
 class TissueSettings:
@@ -38,9 +51,11 @@ class TissueSettings:
     Attributes:
         method: ``auto``, ``saturation`` (brightfield), ``brightness`` (fluorescence) or
             ``none`` (the whole scanned area is tissue).
-        threshold: fixed threshold on the 0..255 saturation or brightness; Otsu when None.
-        min_threshold: lower bound on the Otsu threshold (0..255), so a blank slide, whose
-            Otsu threshold falls inside the noise, yields no tissue.
+        threshold: fixed threshold on the 0..255 saturation, or on the blurred brightness of
+            `fluorescence_signal`; Otsu when None.
+        min_threshold: lower bound on the saturation Otsu threshold (0..255), so blank glass,
+            whose Otsu threshold falls inside the noise, yields no tissue. Fluorescence uses
+            `MIN_FLUORESCENCE_CONTRAST` instead.
         smoothing_um: radius in µm of the disk used to close gaps and remove specks.
         min_tissue_area_um2: tissue fragments smaller than this are dropped.
         min_hole_area_um2: holes inside tissue smaller than this are filled.
@@ -159,17 +174,10 @@ def detect_tissue(
     if method == "auto":
         median_brightness = float(np.median(thumbnail.max(axis=2)[region])) if region.any() else 0
         method = "brightness" if median_brightness < DARK_BACKGROUND_LEVEL else "saturation"
-    channel = saturation(thumbnail) if method == "saturation" else thumbnail.max(axis=2)
-
-    if settings.threshold is not None:
-        threshold = float(settings.threshold)
+    if method == "saturation":
+        raw, threshold = _brightfield_raw_mask(thumbnail, settings, region)
     else:
-        inside = channel[region]
-        threshold = max(otsu_threshold(inside) if inside.size else 0.0, settings.min_threshold)
-    raw = (channel > threshold) & region
-    if settings.remove_pen_marks and method == "saturation":
-        pen = pen_mark_mask(thumbnail)
-        raw &= ~ndimage.binary_dilation(pen, structure=disk(1))
+        raw, threshold = _fluorescence_raw_mask(thumbnail, thumbnail_mpp, settings, region)
 
     mask = clean_mask(raw, thumbnail_mpp, settings) & region
     logger.debug(
@@ -179,6 +187,71 @@ def detect_tissue(
         100.0 * mask.mean() if mask.size else 0.0,
     )
     return TissueMask(mask, method, threshold)
+
+
+def fluorescence_signal(thumbnail: np.ndarray, thumbnail_mpp: float) -> np.ndarray:
+    """Brightest channel of uint8 RGB [h, w, 3], blurred by `FLUORESCENCE_BLUR_UM`: float32 [h, w].
+
+    Values stay on the 0..255 scale of the input.
+    """
+    brightness = thumbnail.max(axis=2).astype(np.float32)
+    sigma_px = FLUORESCENCE_BLUR_UM / thumbnail_mpp
+    if sigma_px < 0.5:
+        return brightness
+    return ndimage.gaussian_filter(brightness, sigma_px, mode="nearest")
+
+
+def _brightfield_raw_mask(
+    thumbnail: np.ndarray, settings: TissueSettings, region: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """Saturation above Otsu's threshold (or the fixed one), minus pen marks on request."""
+    channel = saturation(thumbnail)
+    if settings.threshold is not None:
+        threshold = float(settings.threshold)
+    else:
+        inside = channel[region]
+        threshold = max(otsu_threshold(inside) if inside.size else 0.0, settings.min_threshold)
+    raw = (channel > threshold) & region
+    if settings.remove_pen_marks:
+        pen = pen_mark_mask(thumbnail)
+        raw &= ~ndimage.binary_dilation(pen, structure=disk(1))
+    return raw, threshold
+
+
+def _fluorescence_raw_mask(
+    thumbnail: np.ndarray, thumbnail_mpp: float, settings: TissueSettings, region: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """Blurred brightness above a log-scale Otsu threshold (or the fixed one).
+
+    The returned threshold is on the 0..255 scale of `fluorescence_signal`.
+    """
+    signal = fluorescence_signal(thumbnail, thumbnail_mpp)
+    if settings.threshold is not None:
+        threshold = float(settings.threshold)
+        return (signal > threshold) & region, threshold
+    inside = signal[region]
+    if inside.size == 0:
+        return np.zeros(signal.shape, dtype=bool), math.nan
+
+    log_max = math.log1p(255.0)
+    log_levels = np.rint(np.log1p(np.clip(inside, 0.0, 255.0)) * (255.0 / log_max))
+    cut = otsu_threshold(log_levels.astype(np.uint8))
+    threshold = float(math.expm1((cut + 0.5) * log_max / 255.0))
+
+    tissue = inside[inside > threshold]
+    glass = inside[inside <= threshold]
+    if tissue.size == 0:
+        return np.zeros(signal.shape, dtype=bool), threshold
+    if glass.size:
+        contrast = (float(np.median(tissue)) + 1.0) / (float(np.median(glass)) + 1.0)
+        if contrast < MIN_FLUORESCENCE_CONTRAST:
+            logger.debug(
+                "Fluorescence: tissue/glass contrast %.2f is below %.1f; no tissue",
+                contrast,
+                MIN_FLUORESCENCE_CONTRAST,
+            )
+            return np.zeros(signal.shape, dtype=bool), threshold
+    return (signal > threshold) & region, threshold
 
 
 def clean_mask(raw: np.ndarray, mpp: float, settings: TissueSettings) -> np.ndarray:

@@ -7,14 +7,18 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
+from pydantic import ValidationError
 
 from preprocessing.errors import ConfigError, DuplicateSlideIdError
 from preprocessing.grid import GridGeometry, tile_grid
 from preprocessing.mpp import resolve_mpp
+from preprocessing.qc import draw_qc
 from preprocessing.readers import composite_rgba_on_white
 from preprocessing.slide import Slide
 from preprocessing.stores import read_coords_store
@@ -23,7 +27,16 @@ from preprocessing.tiling import TilingConfig, run_tiling
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiling_helpers import CMU, DAPI, SHARED_SLIDES, TCGA, bundled, copy_slide, corrupt_tile  # noqa: E402
+from tiling_helpers import (  # noqa: E402
+    BUNDLED,
+    CMU,
+    DAPI,
+    SHARED_SLIDES,
+    TCGA,
+    bundled,
+    copy_slide,
+    corrupt_tile,
+)
 
 DESIGN_ATTRS = {
     "slide_path",
@@ -176,7 +189,7 @@ def test_resume_trusts_only_complete_stores(synthetic_folder: Path, tmp_path: Pa
 def test_changed_grid_needs_overwrite(synthetic_folder: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "tiles"
     run_tiling(_config(synthetic_folder / "tissue.tif", output_dir))
-    with pytest.raises(ConfigError, match="tissue.h5.*tile_px.*--overwrite"):
+    with pytest.raises(ConfigError, match="tissue.h5.*--tile-px.*--overwrite"):
         run_tiling(_config(synthetic_folder / "tissue.tif", output_dir, tile_px=256))
     result = run_tiling(
         _config(synthetic_folder / "tissue.tif", output_dir, tile_px=256, overwrite=True)
@@ -339,3 +352,159 @@ def test_target_finer_than_slide_warns(
     attrs = read_coords_store(output_dir / "tissue.h5").attrs
     assert attrs["read_level"] == 0
     assert attrs["tile_px_level0"] == pytest.approx(51.2)
+
+
+def test_corrected_mpp_needs_overwrite(synthetic_folder: Path, tmp_path: Path) -> None:
+    slide = synthetic_folder / "nompp.tif"
+    output_dir = tmp_path / "tiles"
+    assert run_tiling(_config(slide, output_dir, mpp=0.25)).n_ok == 1
+    assert run_tiling(_config(slide, output_dir, mpp=0.25)).n_skipped == 1
+    with pytest.raises(
+        ConfigError,
+        match="nompp.h5.*0.25 µm/px from override in the store, "
+        "0.5 µm/px from override now.*--overwrite",
+    ):
+        run_tiling(_config(slide, output_dir, mpp=0.5))
+
+    result = run_tiling(_config(slide, output_dir, mpp=0.5, overwrite=True))
+    assert result.n_ok == 1
+    assert read_coords_store(output_dir / "nompp.h5").attrs["slide_mpp"] == 0.5
+
+
+def test_corrected_mpp_csv_needs_overwrite(synthetic_folder: Path, tmp_path: Path) -> None:
+    slide = synthetic_folder / "tissue.tif"  # its own resolution is 0.25 µm/px
+    output_dir = tmp_path / "tiles"
+    table = tmp_path / "mpp.csv"
+    table.write_text("slide_id,mpp\ntissue,0.3\n")
+    assert run_tiling(_config(slide, output_dir, mpp_csv=table)).n_ok == 1
+    table.write_text("slide_id,mpp\ntissue,0.35\n")
+    with pytest.raises(ConfigError, match="0.3 µm/px from override in the store, 0.35"):
+        run_tiling(_config(slide, output_dir, mpp_csv=table))
+    # Dropping the override brings back the file's own value, which also differs.
+    with pytest.raises(ConfigError, match="0.25 µm/px from openslide.mpp-x now"):
+        run_tiling(_config(slide, output_dir))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "option"),
+    [
+        ("tissue_method", "brightness", "--tissue-method"),
+        ("tissue_threshold", 30.0, "--tissue-threshold"),
+        ("smoothing_um", 8.0, "--smoothing-um"),
+        ("min_tissue_area_um2", 500.0, "--min-tissue-area-um2"),
+        ("tissue_mpp", 8.0, "--tissue-mpp"),
+    ],
+)
+def test_changed_tissue_settings_need_overwrite(
+    synthetic_folder: Path, tmp_path: Path, field: str, value: object, option: str
+) -> None:
+    slide = synthetic_folder / "empty.tif"
+    output_dir = tmp_path / "tiles"
+    run_tiling(_config(slide, output_dir, target_mpp=2.0))
+    with pytest.raises(ConfigError, match=f"{option}: .* in the store, .* now.*--overwrite"):
+        run_tiling(_config(slide, output_dir, target_mpp=2.0, **{field: value}))
+
+
+@pytest.mark.parametrize("mpp", [50.0, 0.005])
+def test_implausible_mpp_rejected(tmp_path: Path, mpp: float) -> None:
+    with pytest.raises(ValidationError, match=f"mpp {mpp}.*outside the plausible range"):
+        _config(tmp_path, tmp_path / "tiles", mpp=mpp)
+
+
+def test_implausible_mpp_csv_row_rejected(synthetic_folder: Path, tmp_path: Path) -> None:
+    table = tmp_path / "mpp.csv"
+    table.write_text("slide_id,mpp\ntissue,0.25\nnompp,50\n")
+    output_dir = tmp_path / "tiles"
+    with pytest.raises(ConfigError, match="mpp.csv, line 3, slide 'nompp'.*50.0.*plausible range"):
+        run_tiling(_config(synthetic_folder, output_dir, mpp_csv=table))
+    assert not output_dir.exists()
+
+
+def test_tile_larger_than_slide_explained(synthetic_folder: Path, tmp_path: Path) -> None:
+    output_dir = tmp_path / "tiles"
+    # 224 px at 20 µm/px span 17,920 level-0 px of a 3000 x 2000 px slide.
+    result = run_tiling(_config(synthetic_folder / "tissue.tif", output_dir, target_mpp=20.0))
+    assert result.n_ok == 1
+    row = _manifest(output_dir)["tissue"]
+    assert row["status"] == "no_tissue"
+    assert "one tile spans 17,920 level-0 px" in row["message"]
+    assert "scanned area of 3000 x 2000 px" in row["message"]
+
+
+def test_own_mpp_kept_over_default_logged(
+    synthetic_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    output_dir = tmp_path / "tiles"
+    cfg = _config(synthetic_folder / "tissue.tif", output_dir, target_mpp=2.0, mpp=0.5)
+    with caplog.at_level(logging.INFO, logger="preprocessing"):
+        run_tiling(cfg)
+    assert "tissue: uses its own resolution 0.25 µm/px from openslide.mpp-x" in caplog.text
+    assert "--mpp 0.5 only fills in slides without one" in caplog.text
+    assert read_coords_store(output_dir / "tissue.h5").attrs["slide_mpp"] == 0.25
+
+
+def test_dense_overlap_warns(
+    synthetic_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    output_dir = tmp_path / "tiles"
+    cfg = _config(synthetic_folder / "empty.tif", output_dir, target_mpp=8.0, tile_px=64)
+    with caplog.at_level(logging.WARNING):
+        run_tiling(cfg.model_copy(update={"overlap_px": 16}))
+    assert "stride" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        run_tiling(cfg.model_copy(update={"overlap_px": 60, "overwrite": True}))
+    assert "--overlap-px 60 with --tile-px 64 leaves a stride of 4 px" in caplog.text
+    assert "about 256 times the tiles" in caplog.text
+
+
+def test_bad_shard_stops_before_folders(
+    synthetic_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output_dir = tmp_path / "tiles"
+    with pytest.raises(ValidationError, match="'3/2'"):
+        _config(synthetic_folder, output_dir, shard="3/2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    with pytest.raises(ConfigError, match="SLURM_ARRAY_TASK_ID=5"):
+        run_tiling(_config(synthetic_folder, output_dir))
+    assert not output_dir.exists()
+
+
+def test_fluorescence_channels_tile_alike(tmp_path: Path) -> None:
+    # DAPI and TRITC scans of one section: DAPI lights only nuclei, TRITC the whole tissue.
+    dapi = bundled(DAPI)
+    tritc = bundled(BUNDLED / "test3-TRITC-2-560.ndpi")
+    output_dir = tmp_path / "tiles"
+    for path in (dapi, tritc):
+        copy_slide(path, tmp_path / "slides")
+    run_tiling(_config(tmp_path / "slides", output_dir, target_mpp=1.0))
+    rows = _manifest(output_dir)
+    dapi_tiles = int(rows["test3-DAPI-2-387"]["n_tiles"])
+    tritc_tiles = int(rows["test3-TRITC-2-560"]["n_tiles"])
+    assert tritc_tiles >= 15
+    assert dapi_tiles >= 0.8 * tritc_tiles
+
+
+def test_qc_png_stretched_and_captioned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    captions: list[str] = []
+
+    def recording_draw_qc(*args: Any, **kwargs: Any) -> Image.Image:
+        captions.append(args[5])
+        return draw_qc(*args, **kwargs)
+
+    monkeypatch.setattr("preprocessing.tiling.draw_qc", recording_draw_qc)
+    copy_slide(bundled(BUNDLED / "test3-TRITC-2-560.ndpi"), tmp_path / "slides")
+    output_dir = tmp_path / "tiles"
+    run_tiling(_config(tmp_path / "slides", output_dir, target_mpp=1.0))
+
+    n_tiles = read_coords_store(output_dir / "test3-TRITC-2-560.h5").n_tiles
+    assert captions == [
+        f"test3-TRITC-2-560 | slide 0.2282 um/px (openslide.mpp-x) | target 1 um/px, 224 px "
+        f"tiles | tissue: brightness | {n_tiles} tiles | ok"
+    ]
+    png = np.asarray(Image.open(output_dir / "qc" / "test3-TRITC-2-560.png").convert("RGB"))
+    # The raw scan's brightest channel reaches only about 60 at its 99th percentile.
+    assert np.percentile(png[:600].max(axis=2), 99) > 200
+    assert (png[-2:] == 255).all()  # the caption strip's bottom margin
+    assert (png[-30:].max(axis=2) < 100).any()  # caption text
