@@ -212,8 +212,8 @@ def _check_expected(
     if expected_model is not None and checkpoint.model_name != expected_model:
         raise CheckpointError(
             f"{path}: checkpoint holds model {checkpoint.model_name!r}, expected "
-            f"{expected_model!r}; set the model to {checkpoint.model_name!r} or pick the "
-            "matching run directory."
+            f"{expected_model!r}; use a checkpoint of a {expected_model!r} run, or load this "
+            f"one where a {checkpoint.model_name!r} model is expected."
         )
     if expected_classes is not None and list(expected_classes) != checkpoint.classes:
         raise CheckpointError(

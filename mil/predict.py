@@ -8,14 +8,18 @@ the per-tile attention of its members.
 Outputs in `output_dir` (the run directory by default):
 
     predictions.csv            slide_id, [label], predicted_class, probability, prob_<class>...,
-                               n_tiles, n_models
+                               n_tiles, n_models; rows of slides predicted earlier into the same
+                               folder are kept, and only the slides predicted now are replaced
     prediction_metrics.json    metrics with bootstrap 95% CIs (only when a label CSV is given)
-    attention/<slide_id>.h5    attention (N,) or (N, branches) in the feature store's row order,
-                               coords (N, 2) level-0 (x, y), and the slide's attributes
+    attention/<slide_id>.h5    attention (N,) or (N, H) in the feature store's row order,
+                               coords (N, 2) level-0 (x, y), and the slide's attributes; for
+                               (N, H) also `head_names` (JSON list of H column names) and
+                               `attention_per_class` (True when column c belongs to class c)
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from collections.abc import Sequence
@@ -129,17 +133,48 @@ def select_checkpoints(cfg: PredictConfig) -> list[Path]:
 
 def load_members(cfg: PredictConfig, paths: Sequence[Path], in_dim: int,
                  device: torch.device) -> tuple[list[Checkpoint], list[nn.Module], list[str]]:
-    """Load and check every selected checkpoint against the run's class map and the features."""
-    from mil.data import ClassMap
+    """Load every selected checkpoint and check it against the run's config, classes and the
+    features.
 
-    classes = list(ClassMap.load(RunLayout(cfg.run_dir).classes).names)
+    Raises:
+        CheckpointError: a checkpoint holds another model than the run's config.yaml, another
+            class map than its classes.json, or another feature dimension.
+    """
+    from mil.data import ClassMap
+    from mil.train import read_run_config
+
+    layout = RunLayout(cfg.run_dir)
+    classes = list(ClassMap.load(layout.classes).names)
+    run_model = read_run_config(cfg.run_dir).get("model")
     checkpoints: list[Checkpoint] = []
     for path in paths:
-        expected_model = checkpoints[0].model_name if checkpoints else None
-        checkpoints.append(load_checkpoint(path, expected_model=expected_model,
-                                           expected_classes=classes, expected_in_dim=in_dim))
+        checkpoint = load_checkpoint(path, expected_in_dim=in_dim)
+        check_run_member(checkpoint, layout, run_model, classes)
+        checkpoints.append(checkpoint)
     models = [checkpoint.build_model(device) for checkpoint in checkpoints]
     return checkpoints, models, classes
+
+
+def check_run_member(checkpoint: Checkpoint, layout: RunLayout, run_model: object,
+                     classes: Sequence[str]) -> None:
+    """Reject a checkpoint whose model or class map differs from the run directory's.
+
+    Raises:
+        CheckpointError: naming the checkpoint file, both values and how to resolve it.
+    """
+    if isinstance(run_model, str) and checkpoint.model_name != run_model:
+        raise CheckpointError(
+            f"{checkpoint.path}: checkpoint holds model {checkpoint.model_name!r} but "
+            f"{layout.config} trained {run_model!r}; this checkpoint comes from another run, so "
+            f"move it out of {layout.root} or predict with the run directory that trained it"
+        )
+    if list(classes) != list(checkpoint.classes):
+        raise CheckpointError(
+            f"{checkpoint.path}: checkpoint was trained with classes {checkpoint.classes} (in "
+            f"index order) but {layout.classes} lists {list(classes)}; this checkpoint comes "
+            f"from another run, so move it out of {layout.root} or predict with the run "
+            "directory that trained it"
+        )
 
 
 @torch.no_grad()
@@ -174,6 +209,7 @@ def run_prediction(cfg: PredictConfig) -> PredictResult:
 
     output_dir = Path(cfg.output_dir or cfg.run_dir)
     paths = select_checkpoints(cfg)
+    read_previous_predictions(output_dir / "predictions.csv", _run_classes(cfg))
     stores = find_feature_stores(cfg.features_dir)
     slide_ids = sorted(stores) if cfg.slides is None else list(cfg.slides)
     missing = [slide_id for slide_id in slide_ids if slide_id not in stores]
@@ -211,7 +247,7 @@ def run_prediction(cfg: PredictConfig) -> PredictResult:
                 if attention_dir is not None:
                     _write_attention(
                         attention_dir / f"{slide_id}.h5", dataset, slide_id, bag_attention, rows,
-                        batch_probs_np[index], classes, threshold, checkpoints,
+                        batch_probs_np[index], classes, threshold, checkpoints, models[0],
                     )
             advance(batch.num_bags)
 
@@ -222,11 +258,8 @@ def run_prediction(cfg: PredictConfig) -> PredictResult:
     for row, count in zip(rows_out, n_tiles, strict=True):
         row["n_tiles"] = count
         row["n_models"] = len(models)
-    order = np.argsort(bag_ids, kind="stable")
     predictions_path = output_dir / "predictions.csv"
-    if predictions_path.exists():
-        logger.info("replacing %s", predictions_path)
-    write_csv(predictions_path, [rows_out[i] for i in order])
+    merge_predictions(predictions_path, rows_out, classes)
 
     metrics: dict[str, Any] = {}
     if labels_array is not None and len(labels_array):
@@ -241,6 +274,68 @@ def run_prediction(cfg: PredictConfig) -> PredictResult:
                            metrics=metrics)
     logger.info("%s", result)
     return result
+
+
+def _run_classes(cfg: PredictConfig) -> list[str]:
+    from mil.data import ClassMap
+
+    return list(ClassMap.load(RunLayout(cfg.run_dir).classes).names)
+
+
+def read_previous_predictions(path: Path, classes: Sequence[str]
+                              ) -> tuple[list[str], list[dict[str, str]]]:
+    """Read the header and rows of an earlier predictions.csv, or ([], []) when there is none.
+
+    Raises:
+        ConfigError: the file is unreadable or holds the probabilities of other classes, so its
+            rows cannot be merged with this run's.
+    """
+    if not path.exists():
+        return [], []
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ConfigError(f"{path}: cannot read the earlier predictions ({err}); move the file "
+                          "away or choose another --output-dir") from err
+    if header and "slide_id" not in header:
+        raise ConfigError(f"{path} has no slide_id column, so it is no predictions file of "
+                          "slidemil; move it away or choose another --output-dir")
+    previous = [name[len("prob_"):] for name in header if name.startswith("prob_")]
+    if header and previous != list(classes):
+        raise ConfigError(
+            f"{path} holds predictions for classes {previous} but this run predicts "
+            f"{list(classes)}; choose another --output-dir for this run"
+        )
+    return header, rows
+
+
+def merge_predictions(path: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str]
+                      ) -> None:
+    """Write `rows` into predictions.csv atomically, keeping earlier rows of other slides.
+
+    Rows of slides in `rows` replace their earlier rows; every other earlier row is kept, so
+    predicting one slide or a second cohort into the same folder adds to the file. The result
+    is sorted by slide id; columns missing from one side (`label`) are left blank.
+    """
+    header, previous = read_previous_predictions(path, classes)
+    new_ids = {str(row["slide_id"]) for row in rows}
+    replaced = sorted(row["slide_id"] for row in previous if row["slide_id"] in new_ids)
+    kept = [row for row in previous if row["slide_id"] not in new_ids]
+    if replaced:
+        logger.info("%s: replacing the earlier rows of %d slide(s) (%s%s)", path, len(replaced),
+                    ", ".join(replaced[:5]), ", ..." if len(replaced) > 5 else "")
+    if kept:
+        logger.info("%s: keeping %d earlier row(s) of other slides", path, len(kept))
+
+    columns = list(rows[0]) if rows else list(header)
+    if "label" not in columns and any(name == "label" for name in header):
+        columns.insert(1, "label")
+    columns += [name for name in header if name not in columns]
+    merged = sorted([*kept, *rows], key=lambda row: str(row["slide_id"]))
+    write_csv(path, [{name: row.get(name, "") for name in columns} for row in merged], columns)
 
 
 def _per_bag(batch: PackedBatch, attention: torch.Tensor
@@ -267,6 +362,7 @@ def _write_attention(
     classes: Sequence[str],
     threshold: float,
     checkpoints: Sequence[Checkpoint],
+    model: nn.Module,
 ) -> None:
     """Write one slide's attention store; every store row must have a value."""
     from mil.data.dataset import open_source
@@ -295,7 +391,26 @@ def _write_attention(
         "n_models": len(checkpoints),
         "checkpoints": json.dumps([str(c.path) for c in checkpoints]),
     })
+    if attention.ndim == 2:
+        attrs.update(attention_column_attrs(model, attention.shape[1], classes))
     write_attention_store(path, attention, coords, attrs)
+
+
+def attention_column_attrs(model: nn.Module, n_columns: int, classes: Sequence[str]
+                           ) -> dict[str, Any]:
+    """Attention store attributes that name the H columns of [N, H] attention.
+
+    `head_names` is a JSON list of H names; for models whose columns are classes
+    (`attention_axis == "class"`) these are the class names from classes.json and
+    `attention_per_class` is True.
+    """
+    axis = getattr(model, "attention_axis", None)
+    if axis == "class" and n_columns == len(classes):
+        return {"head_names": json.dumps(list(classes)), "attention_per_class": True}
+    names_of = getattr(model, "attention_names", None)
+    names = (list(names_of(n_columns)) if callable(names_of)
+             else [f"head {index + 1}" for index in range(n_columns)])
+    return {"head_names": json.dumps(names), "attention_per_class": False}
 
 
 def _read_true_labels(cfg: PredictConfig, slide_ids: Sequence[str], classes: Sequence[str]

@@ -170,3 +170,118 @@ def test_cli_predict_rejects_bad_selection(trained_run: Path) -> None:
     ])
     assert result.exit_code == 1
     assert "ensemble is off" in " ".join(result.output.split())
+
+
+def test_one_slide_merges_into_predictions(trained_run: Path) -> None:
+    everything = _predict(trained_run, "merge")
+    again = _predict(trained_run, "merge", slides=["slide-03"], folds=["fold_0"])
+
+    assert sorted(again) == sorted(everything)
+    assert again["slide-03"]["n_models"] == "1"
+    for slide_id, row in everything.items():
+        if slide_id != "slide-03":
+            assert again[slide_id] == row
+    assert list(again) == sorted(again)
+
+
+def test_second_cohort_keeps_first(trained_run: Path, tmp_path: Path) -> None:
+    first = tmp_path / "cohort_a"
+    second = tmp_path / "cohort_b"
+    first.mkdir()
+    second.mkdir()
+    for index, slide_id in enumerate(f"slide-{i:02d}" for i in range(4)):
+        target = first if index < 2 else second
+        (target / f"{slide_id}.h5").symlink_to(trained_run / "features" / f"{slide_id}.h5")
+    out = tmp_path / "out"
+    for features in (first, second):
+        run_prediction(PredictConfig(run_dir=trained_run / "run", features_dir=features,
+                                     output_dir=out, progress=False,
+                                     labels=trained_run / "labels.csv", n_bootstrap=5))
+
+    rows = _predictions(out / "predictions.csv")
+    assert list(rows) == ["slide-00", "slide-01", "slide-02", "slide-03"]
+    assert rows["slide-00"]["label"] == "normal"
+    assert rows["slide-03"]["label"] == "tumor"
+
+
+def test_predictions_of_other_classes_rejected(trained_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "predictions.csv").write_text("slide_id,predicted_class,prob_a,prob_b\nx,a,0.6,0.4\n")
+    with pytest.raises(ConfigError, match="another --output-dir"):
+        run_prediction(PredictConfig(run_dir=trained_run / "run",
+                                     features_dir=trained_run / "features", output_dir=out,
+                                     slides=["slide-00"], progress=False))
+    assert not (out / "attention").exists()
+
+
+def _run_with_model(trained_run: Path, target: Path, model_name: str,
+                    config_model: str | None = None, n_swapped: int = 2) -> Path:
+    """Copy the trained run, replacing `n_swapped` checkpoints by untrained `model_name` ones."""
+    import shutil
+
+    import yaml
+
+    from mil.checkpoint import save_checkpoint
+    from mil.models import create_model
+
+    run = target / "run"
+    shutil.copytree(trained_run / "run", run)
+    for path in sorted(run.glob("*/seed_*/checkpoint.pt"))[:n_swapped]:
+        torch.manual_seed(0)
+        save_checkpoint(path, create_model(model_name, in_dim=8, n_classes=2),
+                        model_name=model_name, model_config={}, in_dim=8,
+                        classes=["normal", "tumor"])
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"] = config_model or model_name
+    config["model_options"] = {}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+def test_checkpoint_of_other_model_rejected(trained_run: Path, tmp_path: Path) -> None:
+    run = _run_with_model(trained_run, tmp_path, "acmil", config_model="abmil", n_swapped=1)
+    cfg = PredictConfig(run_dir=run, features_dir=trained_run / "features",
+                        output_dir=tmp_path / "out", progress=False)
+    with pytest.raises(CheckpointError) as caught:
+        run_prediction(cfg)
+    message = str(caught.value)
+    assert "fold_0/seed_0/checkpoint.pt" in message
+    assert "'acmil'" in message
+    assert "'abmil'" in message
+    assert "set the model" not in message
+
+
+def test_checkpoint_of_other_classes_rejected(trained_run: Path, tmp_path: Path) -> None:
+    run = _run_with_model(trained_run, tmp_path, "abmil", n_swapped=0)
+    (run / "classes.json").write_text(json.dumps({"tumor": 0, "normal": 1}))
+    cfg = PredictConfig(run_dir=run, features_dir=trained_run / "features",
+                        output_dir=tmp_path / "out", progress=False)
+    with pytest.raises(CheckpointError, match="checkpoint was trained with classes"):
+        run_prediction(cfg)
+
+
+@pytest.mark.parametrize(("model_name", "names", "per_class"), [
+    ("dsmil", ["normal", "tumor"], True),
+    ("acmil", None, False),
+])
+def test_attention_columns_named(trained_run: Path, tmp_path: Path, model_name: str,
+                                 names: list[str] | None, per_class: bool) -> None:
+    from mil.heatmap.maps import head_names
+
+    run = _run_with_model(trained_run, tmp_path, model_name)
+    run_prediction(PredictConfig(run_dir=run, features_dir=trained_run / "features",
+                                 output_dir=tmp_path / "out", slides=["slide-01"],
+                                 progress=False))
+    store = read_attention_store(tmp_path / "out" / "attention" / "slide-01.h5")
+    n_columns = store.attention.shape[1]
+    stored = json.loads(store.attrs["head_names"])
+    assert len(stored) == n_columns
+    if names is not None:
+        assert stored == names
+    else:
+        assert stored[0] == "branch 1"
+    assert bool(store.attrs["attention_per_class"]) is per_class
+    titles, titled_per_class = head_names(store.attrs, n_columns)
+    assert titled_per_class is per_class
+    assert titles[-1].endswith(stored[-1])
