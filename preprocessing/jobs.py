@@ -97,7 +97,7 @@ class StageResult:
         return self.n_failed == 0
 
     def summary(self, verb: str = "processed") -> str:
-        """One line for the user, e.g. ``tile: 1 slide tiled, 0 failed, 2 skipped; manifest …``.
+        """Return one line for the user: ``tile: 1 slide tiled, 0 failed, 2 skipped; manifest …``.
 
         Args:
             verb: past participle of the stage's work (``tiled``, ``extracted``, ``rendered``).

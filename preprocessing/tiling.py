@@ -51,7 +51,8 @@ MAX_LOGGED_BAD_TILES = 10
 GEOMETRY_ATTRS = ("target_mpp", "tile_px", "overlap_px", "min_tissue_fraction")
 #: Config fields that change a store's tiles besides `GEOMETRY_ATTRS`. Their values are kept
 #: as JSON in the store attribute `tiling_settings`, because the attributes `tissue_method`,
-#: `tissue_threshold` and `tissue_mpp` hold what detection resolved (e.g. the Otsu threshold).
+#: `tissue_threshold` and `tissue_mpp` contain the values that detection chose (e.g. the
+#: Otsu threshold).
 TISSUE_SETTING_FIELDS = (
     "tissue_method",
     "tissue_threshold",
