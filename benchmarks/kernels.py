@@ -11,7 +11,9 @@ non-trivial) and reports the median wall time over `--repeats` runs after one wa
 The three forms compute the same result (checked before timing):
 
 - packed: the `mil.kernels` call on the whole pack.
-- loop: a Python loop over bags, each bag with plain torch calls (softmax, matmul, SDPA).
+- loop: a Python loop over the bags of `torch.split` (one backward node for all bags, unlike
+  slicing each bag, whose backward writes a full-size gradient per bag), each bag with plain
+  torch calls (softmax, matmul, mean, amax).
 - padded: bags padded to the longest one, [B, L_max, ...] with a mask; the time covers the
   model-side computation on the padded tensor, not building it.
 
@@ -123,9 +125,10 @@ def bench_attention_pool(lengths: list[int], dim: int, branches: int, repeats: i
 
     def loop() -> torch.Tensor:
         pooled = []
-        for start, n in zip(segments.starts, lengths, strict=True):
-            attention_weights = torch.softmax(scores[start : start + n], dim=0)  # [n, K]
-            pooled.append(attention_weights.T @ values[start : start + n])  # [K, D]
+        bags = zip(torch.split(values, lengths), torch.split(scores, lengths), strict=True)
+        for bag_values, bag_scores in bags:
+            attention_weights = torch.softmax(bag_scores, dim=0)  # [n, K]
+            pooled.append(attention_weights.T @ bag_values)  # [K, D]
         return torch.stack(pooled)
 
     padded_values, mask = pad(values, lengths)

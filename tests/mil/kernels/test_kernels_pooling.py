@@ -16,12 +16,11 @@ from mil.kernels import (
 PACKS = ["mixed", "uneven", "single", "ones"]
 
 
-@pytest.fixture(autouse=True, params=["dense", "index_add"])
-def sum_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run every test on both forms of the weighted sum (dense product and index_add_)."""
-    if request.param == "index_add":
-        monkeypatch.setattr(pooling, "DENSE_COLUMNS_MAX", 0)
-    return str(request.param)
+@pytest.fixture(autouse=True, params=[64, 3, 1])
+def dense_columns(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run every test with one chunk of bags, chunks of a few bags, and one bag per chunk."""
+    monkeypatch.setattr(pooling, "DENSE_COLUMNS_MAX", request.param)
+    return int(request.param)
 
 
 def dense_pool(values: torch.Tensor, scores: torch.Tensor, segments: Segments) -> torch.Tensor:
