@@ -37,13 +37,15 @@ def grid_geometry(
         ValueError: `overlap_px` is not in [0, tile_px) or the stride is below one level-0 pixel.
     """
     if not 0 <= overlap_px < tile_px:
-        raise ValueError(f"overlap_px={overlap_px} must be at least 0 and below tile_px={tile_px}")
+        raise ValueError(
+            f"--overlap-px {overlap_px} must be at least 0 and below --tile-px {tile_px}"
+        )
     scale = target_mpp / slide_mpp
     geometry = GridGeometry(tile_px * scale, (tile_px - overlap_px) * scale)
     if geometry.stride_level0 < 1.0:
         raise ValueError(
-            f"A stride of {geometry.stride_level0:.3f} level-0 pixels would repeat tiles; "
-            "increase tile_px or target_mpp, or reduce overlap_px."
+            f"A stride of {geometry.stride_level0:.3f} level-0 pixels would repeat tiles. "
+            "Increase --tile-px or --target-mpp, or reduce --overlap-px."
         )
     return geometry
 

@@ -26,7 +26,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
+from pydantic import AfterValidator
 from rich.logging import RichHandler
 from rich.progress import (
     BarColumn,
@@ -163,6 +165,10 @@ def check_shard(shard: str | None) -> str | None:
     if shard is not None:
         _parse_shard_text(shard)
     return shard
+
+
+#: Type of a config's ``shard`` field: None or ``"i/n"``, checked when the config is built.
+Shard = Annotated[str | None, AfterValidator(check_shard)]
 
 
 def _parse_shard_text(shard: str) -> tuple[int, int]:

@@ -112,7 +112,7 @@ class TilingConfig(BaseModel):
     recursive: bool = False
     overwrite: bool = False
     skip_errors: bool = True
-    shard: str | None = None
+    shard: jobs.Shard = None
     progress: bool = True
 
     @field_validator("mpp")
@@ -121,11 +121,6 @@ class TilingConfig(BaseModel):
         if value is None:
             return None
         return validate_user_mpp(value, "mpp")
-
-    @field_validator("shard")
-    @classmethod
-    def _check_shard(cls, value: str | None) -> str | None:
-        return jobs.check_shard(value)
 
     @model_validator(mode="after")
     def _check_overlap(self) -> TilingConfig:

@@ -16,12 +16,12 @@ def test_geometry_from_mpp() -> None:
 
 @pytest.mark.parametrize("overlap", [-1, 224, 300])
 def test_geometry_rejects_bad_overlap(overlap: int) -> None:
-    with pytest.raises(ValueError, match="overlap_px"):
+    with pytest.raises(ValueError, match=f"--overlap-px {overlap} must be .* below --tile-px 224"):
         grid_geometry(224, overlap, 0.5, 0.25)
 
 
 def test_geometry_rejects_subpixel_stride() -> None:
-    with pytest.raises(ValueError, match="stride"):
+    with pytest.raises(ValueError, match="stride of 0.100 level-0 pixels.*Increase --tile-px"):
         grid_geometry(8, 7, 0.1, 1.0)
 
 

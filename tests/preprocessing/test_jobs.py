@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from preprocessing.errors import ConfigError, MissingMppError, SlideOpenError
 from preprocessing.inputs import SlideInput
 from preprocessing.jobs import (
+    Shard,
     SlideLock,
     SlideOutcome,
     StageResult,
@@ -83,6 +85,16 @@ def test_check_shard_rejects(shard: str) -> None:
         check_shard(shard)
     assert check_shard("1/2") == "1/2"
     assert check_shard(None) is None
+
+
+def test_shard_type_validates_configs() -> None:
+    class StageConfig(BaseModel):
+        shard: Shard = None
+
+    assert StageConfig(shard="1/2").shard == "1/2"
+    assert StageConfig().shard is None
+    with pytest.raises(ValidationError, match="'3/2' asks for shard 3 of 2"):
+        StageConfig(shard="3/2")
 
 
 def test_bad_shard_makes_no_folder(tmp_path: Path) -> None:
