@@ -68,6 +68,17 @@ def _parse_model_options(items: list[str] | None) -> dict[str, Any]:
     return options
 
 
+def _parse_class_order(text: str | None) -> list[str] | None:
+    """Split a comma-separated class order, rejecting blank and repeated names."""
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",")]
+    if any(not name for name in names) or len(set(names)) != len(names):
+        raise typer.BadParameter(f"--class-order {text!r} must list each class once, "
+                                 "comma-separated, e.g. low,intermediate,high")
+    return names
+
+
 def command(
     config: Annotated[
         Path | None,
@@ -81,18 +92,21 @@ def command(
     features_dir: Annotated[
         Path | None,
         typer.Option(exists=True, file_okay=False,
-                     help="Folder of <slide_id>.h5|.zarr feature stores.",
+                     help="Folder of <slide_id>.h5|.zarr feature stores. Required unless "
+                     "--config sets features_dir.",
                      rich_help_panel=_INPUT),
     ] = None,
     run_dir: Annotated[
         Path | None,
-        typer.Option(file_okay=False, help="Run directory to write (checkpoints, metrics, logs).",
+        typer.Option(file_okay=False, help="Run directory to write (checkpoints, metrics, logs). "
+                     "Required unless --config sets run_dir.",
                      rich_help_panel=_INPUT),
     ] = None,
     labels: Annotated[
         Path | None,
         typer.Option(exists=True, dir_okay=False,
-                     help="Label CSV with slide_id and label, optional case_id and split.",
+                     help="Label CSV with slide_id and label, optional case_id and split. "
+                     "Required unless --config sets labels.",
                      rich_help_panel=_INPUT),
     ] = None,
     slide_column: Annotated[
@@ -112,7 +126,8 @@ def command(
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option(help="Registered model name (abmil, acmil, ...) or a model preset YAML.",
+        typer.Option(help="Registered model name (abmil, acmil, ...) or a model preset YAML. "
+                     "Default: abmil.",
                      rich_help_panel=_MODEL),
     ] = None,
     model_option: Annotated[
@@ -122,24 +137,35 @@ def command(
     ] = None,
     ordinal: Annotated[
         bool | None,
-        typer.Option(help="Classes are ordered grades; reports quadratic weighted kappa.",
-                     rich_help_panel=_MODEL),
+        typer.Option(help="Classes are ordered grades; reports quadratic weighted kappa. Text "
+                     "grades need --class-order.", rich_help_panel=_MODEL),
+    ] = None,
+    class_order: Annotated[
+        str | None,
+        typer.Option(help="Class names in index order, comma-separated (ordinal grades from "
+                     "lowest to highest, e.g. low,intermediate,high). Default: numbers by "
+                     "value, text alphabetically.", rich_help_panel=_MODEL),
     ] = None,
     split: Annotated[
         SplitChoice | None,
-        typer.Option(help="auto: the label CSV's split column if present, else k-fold.",
+        typer.Option(help="auto: the label CSV's split column if present, else kfold; column: "
+                     "the split column; kfold: patient-level stratified k-fold; holdout: one "
+                     "train/val split; files: split CSVs from --splits-dir. Default: auto.",
                      rich_help_panel=_SPLIT),
     ] = None,
     folds: Annotated[
-        int | None, typer.Option(min=2, help="Folds of patient-level stratified k-fold.",
+        int | None, typer.Option(min=2, help="Folds of patient-level stratified k-fold. "
+                                 "Default: 5.",
                                  rich_help_panel=_SPLIT)
     ] = None,
     val_fraction: Annotated[
-        float | None, typer.Option(help="Share of patients in validation (holdout split).",
+        float | None, typer.Option(help="Share of patients in validation (holdout "
+                                   "split), between 0 and 1. Default: 0.2.",
                                    rich_help_panel=_SPLIT)
     ] = None,
     test_fraction: Annotated[
-        float | None, typer.Option(help="Share of patients held out as a test set.",
+        float | None, typer.Option(help="Share of patients held out as a test set, "
+                                   "0 to below 1. Default: 0.",
                                    rich_help_panel=_SPLIT)
     ] = None,
     splits_dir: Annotated[
@@ -147,98 +173,111 @@ def command(
                                   help="Folder of split CSVs (slide_id, split) for --split files.",
                                   rich_help_panel=_SPLIT)
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the first model.",
+    seed: Annotated[int | None, typer.Option(help="Seed of the first model. Default: 0.",
                                              rich_help_panel=_SPLIT)] = None,
     n_seeds: Annotated[
-        int | None, typer.Option(min=1, help="Models per split, with seeds seed, seed+1, ...",
+        int | None, typer.Option(min=1, help="Models per split, with seeds seed, seed+1, ... "
+                                 "Default: 1.",
                                  rich_help_panel=_SPLIT)
     ] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Maximum epochs.",
+    epochs: Annotated[int | None, typer.Option(min=1, help="Maximum epochs. Default: 50.",
                                                rich_help_panel=_OPTIM)] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate of AdamW.",
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate of AdamW, above 0. "
+                                             "Default: 2e-4.",
                                              rich_help_panel=_OPTIM)] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay.",
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay. Default: 0.01.",
                                                        rich_help_panel=_OPTIM)] = None,
     warmup_epochs: Annotated[
-        float | None, typer.Option(help="Linear warm-up length in epochs.",
+        float | None, typer.Option(help="Linear warm-up length in epochs. "
+                                   "Default: 1.",
                                    rich_help_panel=_OPTIM)
     ] = None,
     grad_clip: Annotated[
-        float | None, typer.Option(help="Maximum gradient norm; 0 disables clipping.",
+        float | None, typer.Option(help="Maximum gradient norm; 0 disables clipping. "
+                                   "Default: 1.",
                                    rich_help_panel=_OPTIM)
     ] = None,
     packs_per_step: Annotated[
-        int | None, typer.Option(min=1, help="Packs accumulated per optimizer step.",
+        int | None, typer.Option(min=1, help="Packs accumulated per optimizer step. "
+                                 "Default: 1.",
                                  rich_help_panel=_OPTIM)
     ] = None,
     balance: Annotated[
         BalanceChoice | None,
-        typer.Option(help="Inverse-frequency class weights, a balanced sampler, or none.",
-                     rich_help_panel=_OPTIM),
+        typer.Option(help="Inverse-frequency class weights, a balanced sampler, or none. "
+                     "Default: class_weights.", rich_help_panel=_OPTIM),
     ] = None,
-    amp: Annotated[bool | None, typer.Option(help="bf16 autocast on CUDA.",
+    amp: Annotated[bool | None, typer.Option(help="bf16 autocast on CUDA. Default: on.",
                                              rich_help_panel=_OPTIM)] = None,
     pack_len: Annotated[
-        int | None, typer.Option(min=1, help="Tiles per pack, padding included.",
+        int | None, typer.Option(min=1, help="Tiles per pack, padding included. "
+                                 "Default: 16384.",
                                  rich_help_panel=_PACK)
     ] = None,
     main_fraction: Annotated[
         float | None, typer.Option(help="Share of each shuffled bag in its main part; 1.0 turns "
-                                   "hyperslides off.", rich_help_panel=_PACK)
+                                   "hyperslides off. Default: 0.8.", rich_help_panel=_PACK)
     ] = None,
     max_tiles_per_bag: Annotated[
-        int | None, typer.Option(min=1, help="Cap on tiles of a main part or hyperslide.",
+        int | None, typer.Option(min=1, help="Cap on tiles of a main part or hyperslide. "
+                                 "Default: no cap.",
                                  rich_help_panel=_PACK)
     ] = None,
     residual_loss_weight: Annotated[
-        float | None, typer.Option(help="Weight of the hyperslide loss term.",
+        float | None, typer.Option(help="Weight of the hyperslide loss terms "
+                                   "(task and auxiliary). Default: 0.1.",
                                    rich_help_panel=_PACK)
     ] = None,
     monitor: Annotated[
         MonitorChoice | None,
-        typer.Option(help="Validation metric for early stopping and the best checkpoint.",
-                     rich_help_panel=_SELECT),
+        typer.Option(help="Validation metric for early stopping and the best checkpoint. "
+                     "Default: loss.", rich_help_panel=_SELECT),
     ] = None,
     patience: Annotated[
-        int | None, typer.Option(min=1, help="Epochs without improvement before stopping.",
+        int | None, typer.Option(min=1, help="Epochs without improvement before "
+                                 "stopping. Default: 10.",
                                  rich_help_panel=_SELECT)
     ] = None,
     threshold: Annotated[
         ThresholdChoiceOption | None,
-        typer.Option(help="Binary decision threshold: 0.5 (fixed) or Youden's J on validation.",
-                     rich_help_panel=_SELECT),
+        typer.Option(help="Binary decision threshold: 0.5 (fixed) or Youden's J on validation. "
+                     "Default: fixed.", rich_help_panel=_SELECT),
     ] = None,
     n_bootstrap: Annotated[
-        int | None, typer.Option(min=0, help="Bootstrap resamples for 95% CIs.",
+        int | None, typer.Option(min=0, help="Bootstrap resamples for 95% CIs. "
+                                 "Default: 1000.",
                                  rich_help_panel=_SELECT)
     ] = None,
     device: Annotated[
-        str | None, typer.Option(help="auto, cpu, cuda or cuda:<index>.",
+        str | None, typer.Option(help="auto, cpu, cuda or cuda:<index>. Default: auto.",
                                  rich_help_panel=_COMPUTE)
     ] = None,
     num_workers: Annotated[
-        int | None, typer.Option(min=0, help="Processes reading packs from the stores.",
+        int | None, typer.Option(min=0, help="Processes reading packs from the stores. "
+                                 "Default: 0.",
                                  rich_help_panel=_COMPUTE)
     ] = None,
     deterministic: Annotated[
-        bool | None, typer.Option(help="Deterministic torch kernels (slower on GPU).",
+        bool | None, typer.Option(help="Deterministic torch kernels (slower on "
+                                  "GPU). Default: off.",
                                   rich_help_panel=_COMPUTE)
     ] = None,
     progress: Annotated[
-        bool | None, typer.Option(help="Show a progress bar.", rich_help_panel=_COMPUTE)
+        bool | None, typer.Option(help="Show a progress bar. Default: on.",
+                                  rich_help_panel=_COMPUTE)
     ] = None,
 ) -> None:
     """Train one model per fold and seed; under `torchrun --no-python slidemil train` with DDP."""
     from pydantic import ValidationError
 
     from mil.distributed import cleanup_distributed
-    from mil.train import TrainConfig, load_train_config, run_training
+    from mil.train import TrainConfig, load_train_config, run_training, validation_messages
     from preprocessing.errors import SlidemilError
 
     fields: dict[str, Any] = {
         "features_dir": features_dir, "run_dir": run_dir, "labels": labels,
         "slide_column": slide_column, "label_column": label_column, "overwrite": overwrite,
-        "model": model, "ordinal": ordinal,
+        "model": model, "ordinal": ordinal, "class_order": _parse_class_order(class_order),
         "split": split.value if split else None, "folds": folds, "val_fraction": val_fraction,
         "test_fraction": test_fraction, "splits_dir": splits_dir, "seed": seed,
         "n_seeds": n_seeds, "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
@@ -268,7 +307,8 @@ def command(
         result = run_training(cfg)
     except ValidationError as err:
         cleanup_distributed()
-        console.print(f"[red]error:[/red] invalid train options:\n{err}")
+        for line in validation_messages(err):
+            console.print(f"[red]error:[/red] {line}", soft_wrap=True)
         raise typer.Exit(code=2) from err
     except SlidemilError as err:
         cleanup_distributed()

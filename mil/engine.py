@@ -6,10 +6,13 @@ Both functions take any iterable of `PackedBatch`, so the same code trains on fe
 Loss of one optimizer step over the bags of all its packs (and all DDP processes):
 
     L = Σ_main w_y·CE(bag) / n_main + residual_weight · Σ_residual w_y·CE(hyperslide) / n_residual
-        + Σ_packs (bags in pack / bags in step) · aux_losses(pack)
+        + Σ_packs ((main bags + residual_weight · hyperslides in pack) / bags in step)
+                  · aux_losses(pack)
 
 where w_y is the class weight of the bag's label (soft labels mix the weights) and the counts
-are over the whole step. Each pack contributes its share of the sums before its backward pass,
+are over the whole step. Hyperslides count at `residual_weight` in the auxiliary term as in the
+task term; models return one auxiliary value per pack, so a pack's share is weighted by its mix
+of main bags and hyperslides. Each pack contributes its share of the sums before its backward pass,
 so accumulating k packs in one process gives the same gradient as k DDP processes with one pack
 each.
 """
@@ -225,7 +228,9 @@ def train_epoch(
                 if n_residual > 0:
                     loss = loss + residual_weight * (losses * residual_float).sum() / n_residual
                 aux = sum(output.aux_losses.values(), torch.zeros((), device=losses.device))
-                aux = aux.float() * (pack.num_bags / max(n_step_bags, 1.0))
+                n_pack_residual = int(is_residual.sum())
+                aux_bags = (pack.num_bags - n_pack_residual) + residual_weight * n_pack_residual
+                aux = aux.float() * (aux_bags / max(n_step_bags, 1.0))
                 # DDP averages gradients over processes; scaling by the world size turns that
                 # average back into the sum over the step that the formula above defines.
                 (world_size * (loss + aux)).backward()

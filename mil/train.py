@@ -23,7 +23,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mil.data.packing import PackingConfig
 from mil.metrics import METRIC_NAMES, summarize
@@ -111,9 +118,9 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _check_split_inputs(self) -> TrainConfig:
         if self.split == "files" and self.splits_dir is None:
-            raise ValueError("split: files needs splits_dir (a folder of split CSVs)")
+            raise ValueError("--split files needs --splits-dir (a folder of split CSVs)")
         if self.monitor == "qwk" and not self.ordinal:
-            raise ValueError("monitor: qwk needs ordinal: true")
+            raise ValueError("--monitor qwk needs --ordinal")
         return self
 
     @property
@@ -251,8 +258,41 @@ def load_train_config(path: Path, overrides: Mapping[str, Any] | None = None) ->
             fields[key] = value
     try:
         return TrainConfig.model_validate(fields)
-    except ValueError as err:
-        raise ConfigError(f"{path}: invalid training config:\n{err}") from err
+    except ValidationError as err:
+        lines = "\n".join(validation_messages(err, cli=False))
+        raise ConfigError(f"{path}: invalid training config:\n{lines}") from err
+
+
+def validation_messages(err: ValidationError, cli: bool = True) -> list[str]:
+    """One plain line per invalid field: its option (or config key), the value, what is allowed.
+
+    Args:
+        err: the pydantic error of a `TrainConfig` (or another stage config) validation.
+        cli: name command-line options (`--lr`, `--pack-len`) instead of config keys.
+    """
+    lines = []
+    for error in err.errors(include_url=False):
+        location = [str(part) for part in error["loc"]]
+        if cli and location[:1] == ["model_options"]:
+            name = "--model-option"
+        elif cli and location:
+            # Nested packing fields are flat options on the command line (--pack-len).
+            name = "--" + location[-1 if location[0] == "packing" else 0].replace("_", "-")
+        else:
+            name = ".".join(location) or "config"
+        message = str(error["msg"])
+        if message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        if error["type"] == "missing":
+            where = "pass it" if cli else "add it to the file"
+            source = " or set it in --config" if cli else ""
+            lines.append(f"{name} is required; {where}{source}")
+        elif not location:
+            lines.append(message)
+        else:
+            message = message[0].lower() + message[1:]
+            lines.append(f"{name} {error['input']!r} is invalid: {message}")
+    return lines
 
 
 def class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:

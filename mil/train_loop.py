@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,7 @@ class TrainingSession:
 
     def run(self) -> TrainResult:
         """Train every (split, seed) model and write the summary."""
+        check_model_options(self.cfg)
         reused = self._reuse_or_prepare()
         if reused is not None:
             return reused
@@ -94,6 +95,7 @@ class TrainingSession:
         cfg = self.cfg
         table = read_labels(cfg.labels, cfg.slide_column, cfg.label_column)
         report = join_labels(table, cfg.features_dir)
+        check_ordinal_order(cfg, report.labels.values())
         class_map = ClassMap.from_labels(report.labels.values(), order=cfg.class_order)
         if class_map.n_classes < 2:
             raise ConfigError(
@@ -101,8 +103,9 @@ class TrainingSession:
                 "training needs at least two classes"
             )
         splits = self._make_splits(report, table.has_splits)
+        hint = self._split_fix_hint(table.has_splits)
         for split in splits:
-            check_split(split, report.labels, class_map, report.case_ids)
+            check_split(split, report.labels, class_map, report.case_ids, fix_hint=hint)
 
         if self.is_main:
             write_run_config(self.layout, cfg)
@@ -142,21 +145,23 @@ class TrainingSession:
         )
         if self.cfg.overwrite:
             if self.is_main:
-                logger.warning("overwrite is set: removing the previous run in %s", layout.root)
+                logger.warning("--overwrite is set: removing the previous run in %s",
+                               layout.root)
                 remove_run_outputs(layout)
             barrier()
             return None
         if differing:
             raise ConfigError(
                 f"{layout.root} already contains a run with another config (differs in: "
-                f"{', '.join(differing)}); choose another run_dir or set overwrite to replace it"
+                f"{', '.join(differing)}); choose another --run-dir or pass --overwrite to "
+                "replace it"
             )
         if layout.metrics.exists():
             import json
 
             summary = json.loads(layout.metrics.read_text())
-            logger.info("%s already contains this finished run; reusing it (set overwrite to "
-                        "retrain)", layout.root)
+            logger.info("%s already contains this finished run; reusing it (pass --overwrite "
+                        "to retrain)", layout.root)
             members = [
                 MemberResult(split_name=m["split"], seed=m["seed"], best_epoch=m["best_epoch"],
                              epochs_run=m["epochs_run"], checkpoint=Path(m["checkpoint"]),
@@ -169,15 +174,29 @@ class TrainingSession:
                        layout.root)
         return None
 
+    def _split_mode(self, has_split_column: bool) -> str:
+        if self.cfg.split == "auto":
+            return "column" if has_split_column else "kfold"
+        return self.cfg.split
+
+    def _split_fix_hint(self, has_split_column: bool) -> str | None:
+        """How to repair a split the user wrote; None for generated splits."""
+        mode = self._split_mode(has_split_column)
+        if mode == "column":
+            return (f"edit the split column of {self.cfg.labels} so that every non-empty part "
+                    "has a slide of each class")
+        if mode == "files":
+            return (f"edit the split files in {self.cfg.splits_dir} so that every non-empty "
+                    "part has a slide of each class")
+        return None
+
     def _make_splits(self, report: JoinReport, has_split_column: bool) -> list[Split]:
         cfg = self.cfg
-        mode = cfg.split
-        if mode == "auto":
-            mode = "column" if has_split_column else "kfold"
+        mode = self._split_mode(has_split_column)
         if mode == "column":
             if not has_split_column:
                 raise ConfigError(f"{cfg.labels} has no split column; add one with train/val/"
-                                  "test per slide, or use split: kfold")
+                                  "test per slide, or use --split kfold")
             return [splits_from_column(report.matched)]
         if mode == "files":
             assert cfg.splits_dir is not None  # checked by the config validator
@@ -237,7 +256,8 @@ class MemberTrainer:
             logger.warning("%s: no validation slides, so no early stopping; the last epoch's "
                            "weights are saved as checkpoint.pt", self.name)
 
-        loader = self._train_loader(train_ds, packing, train_cache, epoch=0)
+        # Epochs are numbered from 1 in logs, log.csv and the packing seed alike.
+        loader = self._train_loader(train_ds, packing, train_cache, epoch=1)
         steps_per_epoch = math.ceil(len(loader) / cfg.packs_per_step)
         scheduler = build_scheduler(optimizer, steps_per_epoch, cfg.epochs, cfg.warmup_epochs,
                                     cfg.min_lr_ratio)
@@ -247,7 +267,7 @@ class MemberTrainer:
 
         for epoch in range(1, cfg.epochs + 1):
             if epoch > 1:
-                loader = self._train_loader(train_ds, packing, train_cache, epoch=epoch - 1)
+                loader = self._train_loader(train_ds, packing, train_cache, epoch=epoch)
             lr = optimizer.param_groups[0]["lr"]
             n_bags = sum(len(pack) for pack in loader.plan.packs)
             advance = self.progress.start(f"{self.name} epoch {epoch}/{cfg.epochs}", n_bags)
@@ -287,13 +307,7 @@ class MemberTrainer:
         return result
 
     def _build_model(self, in_dim: int) -> nn.Module:
-        from mil.models import create_model
-
-        try:
-            return create_model(self.cfg.model, in_dim=in_dim, n_classes=self.class_map.n_classes,
-                                **self.cfg.model_options)
-        except ValueError as err:
-            raise ConfigError(f"model {self.cfg.model!r}: {err}") from err
+        return build_model(self.cfg, in_dim, self.class_map.n_classes)
 
     def _cache(self, dataset: BagDataset | None) -> FeatureCache | None:
         if dataset is None or not self.cfg.cache_features or self.context.device.type != "cuda":
@@ -422,6 +436,94 @@ def resolve_model(cfg: TrainConfig) -> TrainConfig:
     else:
         options = dict(cfg.model_options)
     return cfg.model_copy(update={"model": name, "model_options": options})
+
+
+#: Feature dimension of the trial build that checks the model options before any data is read;
+#: the real build in each (split, seed) uses the stores' dimension.
+PROBE_IN_DIM = 16
+
+
+def build_model(cfg: TrainConfig, in_dim: int, n_classes: int) -> nn.Module:
+    """Build the configured model, turning an invalid option into a ConfigError.
+
+    Raises:
+        ConfigError: an option name is unknown to the model, or a value is invalid; the message
+            names the option and its value.
+    """
+    from mil.models import create_model
+
+    try:
+        return create_model(cfg.model, in_dim=in_dim, n_classes=n_classes, **cfg.model_options)
+    except (ValueError, TypeError, RuntimeError) as err:
+        if "has no option" in str(err):
+            raise ConfigError(f"{err}. Fix the --model-option name (model_options in a config "
+                              "file).") from err
+        culprit = _failing_option(cfg, in_dim, n_classes)
+        if culprit is None:
+            raise ConfigError(f"model {cfg.model!r} cannot be built with options "
+                              f"{cfg.model_options} ({type(err).__name__}: {err}); check the "
+                              "--model-option values") from err
+        key, value, cause = culprit
+        raise ConfigError(
+            f"model {cfg.model!r}: invalid value {value!r} for option {key!r} "
+            f"({type(cause).__name__}: {cause}); pass a valid --model-option {key}=VALUE "
+            "(model_options in a config file)"
+        ) from err
+
+
+def _failing_option(cfg: TrainConfig, in_dim: int, n_classes: int
+                    ) -> tuple[str, Any, Exception] | None:
+    """The first option that fails a build on its own, with its error, or None."""
+    from mil.models import create_model
+
+    for key, value in cfg.model_options.items():
+        try:
+            create_model(cfg.model, in_dim=in_dim, n_classes=n_classes, **{key: value})
+        except (ValueError, TypeError, RuntimeError) as err:
+            return key, value, err
+    return None
+
+
+def check_model_options(cfg: TrainConfig) -> None:
+    """Build the model once with a probe feature dimension, before anything is read or written.
+
+    NOTE: an option whose validity depends on the real feature dimension is only caught when
+    the first (split, seed) model is built.
+
+    Raises:
+        ConfigError: an option name or value is invalid.
+    """
+    n_classes = max(2, len(cfg.class_order or []))
+    build_model(cfg, PROBE_IN_DIM, n_classes)
+
+
+def check_ordinal_order(cfg: TrainConfig, labels: Iterable[object]) -> None:
+    """Require an explicit class order for ordinal training on text labels.
+
+    Numeric grades sort by value, but text grades would sort alphabetically (high,
+    intermediate, low), which is no grade order.
+
+    Raises:
+        ConfigError: `ordinal` is set, a label is not a number and no class order is given.
+    """
+    if not cfg.ordinal or cfg.class_order is not None:
+        return
+    names = sorted({str(label) for label in labels if label is not None})
+    text = [name for name in names if not _is_number(name)]
+    if text:
+        raise ConfigError(
+            f"--ordinal is set but the labels of {cfg.labels} are not numbers ({', '.join(names)})"
+            ", so their order is unknown; pass --class-order with these classes comma-separated "
+            "from lowest to highest grade (class_order in a config file)"
+        )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def remove_run_outputs(layout: RunLayout) -> None:

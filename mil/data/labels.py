@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +239,7 @@ def read_labels(
             line=line_number,
         ))
     logger.info("read %d label rows from %s", len(rows), path)
+    warn_case_variants(rows, path)
     return LabelTable(
         rows=rows,
         path=path,
@@ -247,17 +249,39 @@ def read_labels(
     )
 
 
+def warn_case_variants(rows: Sequence[LabelRow], path: Path | None = None) -> list[list[str]]:
+    """Warn about labels that differ only in letter case, since they become separate classes.
+
+    Returns:
+        The groups of spellings that were warned about, each sorted.
+    """
+    counts = Counter(row.label for row in rows if row.label is not None)
+    spellings: dict[str, list[str]] = {}
+    for label in sorted(counts):
+        spellings.setdefault(label.casefold(), []).append(label)
+    groups = [group for group in spellings.values() if len(group) > 1]
+    for group in groups:
+        shown = ", ".join(f"{label!r} ({counts[label]} rows)" for label in group)
+        logger.warning("label file %s: the labels %s differ only in letter case and become "
+                       "separate classes; write them the same way if they are one class",
+                       path or "", shown)
+    return groups
+
+
 def _find_column(header: list[str], requested: str | None, role: str, path: Path) -> int:
     if requested is not None:
         if requested not in header:
             raise ConfigError(f"label file {path} has no column {requested!r}; "
-                              f"its columns are {header}")
+                              f"its columns are {header}. Pass one of them with "
+                              f"--{role.split('_')[0]}-column")
         return header.index(requested)
     index = _find_optional_column(header, role)
     if index is None:
         names = ", ".join(COLUMN_ALIASES[role])
         raise ConfigError(f"label file {path} has no {role} column (looked for {names}); "
-                          f"its columns are {header}. Rename the column or pass its name")
+                          f"its columns are {header}. Rename the column, or pass its name "
+                          f"with --{role.split('_')[0]}-column ({role.split('_')[0]}_column in "
+                          "a config file)")
     return index
 
 

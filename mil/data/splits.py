@@ -69,7 +69,7 @@ def _stratified_group_folds(
     if n_cases < n_splits:
         raise ConfigError(
             f"cannot make {n_splits} patient-level folds for {purpose}: only {n_cases} patients "
-            f"({len(rows)} slides); use fewer folds or a smaller held-out fraction"
+            f"({len(rows)} slides); use fewer --folds or a smaller held-out fraction"
         )
     labels = [row.label for row in rows]
     groups = [row.case_id for row in rows]
@@ -120,7 +120,9 @@ def kfold_splits(
     if k < 2:
         raise ConfigError(f"k-fold needs k >= 2 folds, got {k}; use train_val_split for one split")
     rest, test = _held_out(rows, seed, test_fraction, test_ids)
-    folds = _stratified_group_folds(rest, k, seed, f"{k}-fold cross-validation")
+    if len({row.case_id for row in rest}) >= k:
+        _check_patients_per_class(rest, k)
+    folds = _stratified_group_folds(rest, k, seed, "cross-validation")
     splits = []
     for fold_index, val_indices in enumerate(folds):
         val_set = set(val_indices.tolist())
@@ -131,6 +133,25 @@ def kfold_splits(
             test=list(test),
         ))
     return splits
+
+
+def _check_patients_per_class(rows: Sequence[LabelRow], k: int) -> None:
+    """Reject k folds when a class has fewer than k patients, so some fold would lack it."""
+    patients: dict[str, set[str]] = {}
+    for row in rows:
+        if row.label is not None:
+            patients.setdefault(row.label, set()).add(row.case_id)
+    too_few = {label: len(cases) for label, cases in sorted(patients.items()) if len(cases) < k}
+    if too_few:
+        shown = ", ".join(f"{label!r} has {count}" for label, count in too_few.items())
+        fewest = min(too_few.values())
+        remedy = (f"Lower --folds to at most {fewest}, or give" if fewest >= 2
+                  else "Add patients of that class, or give")
+        raise ConfigError(
+            f"cannot make {k} patient-level folds with every class in each validation fold: "
+            f"class {shown} patient(s). {remedy} the label CSV a split column (train/val/test "
+            "per slide) and use --split column"
+        )
 
 
 def train_val_split(
@@ -212,8 +233,17 @@ def check_split(
     labels: Mapping[str, object],
     class_map: ClassMap,
     case_ids: Mapping[str, str] | None = None,
+    fix_hint: str | None = None,
 ) -> None:
     """Validate a split and log its class counts.
+
+    Args:
+        split: the split to check.
+        labels: slide id -> label of every matched slide.
+        class_map: the run's classes.
+        case_ids: slide id -> patient id, to keep each patient in one part.
+        fix_hint: what the user should change when a part lacks a class. The default suits
+            generated splits (folds, fraction, seed); a split the user wrote needs an edit.
 
     Raises:
         ConfigError: the train part is empty; a slide is in two parts or has no label; a
@@ -251,10 +281,13 @@ def check_split(
             continue
         missing = [c for c in class_map.names if counts[name][c] == 0]
         if missing:
+            hint = fix_hint or (f"use fewer --folds, a larger --{name}-fraction or another "
+                                "--split-seed")
+            slides = split.ids(name)
+            shown = ", ".join(slides[:10]) + (", ..." if len(slides) > 10 else "")
             raise ConfigError(
                 f"the {name} part of split {split.name!r} has no slide of class(es) {missing} "
-                f"(counts: {dict(counts[name])}); use fewer folds, a larger {name} fraction or "
-                "another seed"
+                f"(its {len(slides)} slide(s): {shown}; counts: {dict(counts[name])}); {hint}"
             )
 
 

@@ -307,3 +307,174 @@ def test_cli_train_reports_bad_labels(tmp_path: Path) -> None:
     ])
     assert result.exit_code == 1
     assert "has no label column" in " ".join(result.output.split())
+
+
+class _ConstantAuxModel(torch.nn.Module):
+    """Mean pooling with a fixed auxiliary loss, so the aux share of each pack is exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+
+    def forward(self, batch: PackedBatch) -> Any:
+        from mil.kernels import segment_reduce
+        from mil.models.base import MILOutput
+
+        pooled = segment_reduce(batch.features, batch.segments, reduce="mean")
+        aux = (self.linear.weight ** 2).sum()
+        return MILOutput(logits=self.linear(pooled),
+                         attention=torch.zeros(batch.features.shape[0]),
+                         aux_losses={"constant": aux})
+
+
+def test_residual_aux_loss_scaled() -> None:
+    torch.manual_seed(0)
+    model = _ConstantAuxModel()
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.3, 0.7]])
+    pack = _pack([3, 4, 5], labels, [False, False, True])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    stats = train_epoch(model, [pack], optimizer, device=torch.device("cpu"),
+                        residual_weight=0.25)
+    aux = float((model.linear.weight.detach() ** 2).sum())
+    assert stats.aux_loss == pytest.approx(aux * (2 + 0.25 * 1) / 3, rel=1e-6)
+
+
+def test_bad_model_option_value_creates_nothing(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, model_options={"dropout": "abc"})
+    with pytest.raises(ConfigError) as caught:
+        run_training(cfg)
+    message = str(caught.value)
+    assert "'dropout'" in message
+    assert "'abc'" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_model_option_named_once(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, model_options={"hiden_dim": 3}, labels=tmp_path / "absent.csv")
+    # The model check comes first, so the missing label file is not reached.
+    with pytest.raises(ConfigError) as caught:
+        run_training(cfg)
+    message = str(caught.value)
+    assert "has no option(s) hiden_dim" in message
+    assert message.count("'abmil'") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def _grade_labels(tmp_path: Path) -> Path:
+    labels = write_slides(tmp_path / "features", n_slides=12)
+    grades = {slide_id: ("low", "intermediate", "high")[index % 3]
+              for index, slide_id in enumerate(labels)}
+    return write_labels(tmp_path / "labels.csv", grades)
+
+
+def test_ordinal_text_labels_need_class_order(tmp_path: Path) -> None:
+    _grade_labels(tmp_path)
+    cfg = _config(tmp_path, ordinal=True, epochs=1)
+    with pytest.raises(ConfigError, match="--class-order"):
+        run_training(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_class_order_sets_indices(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    _grade_labels(tmp_path)
+    result = CliRunner().invoke(app, [
+        "train", "--features-dir", str(tmp_path / "features"), "--run-dir", str(tmp_path / "run"),
+        "--labels", str(tmp_path / "labels.csv"), "--ordinal", "--class-order",
+        "low,intermediate,high", "--folds", "2", "--epochs", "1", "--n-bootstrap", "5",
+        "--pack-len", "96", "--no-progress",
+    ])
+    assert result.exit_code == 0, result.output
+    classes = json.loads((tmp_path / "run" / "classes.json").read_text())
+    assert classes == {"low": 0, "intermediate": 1, "high": 2}
+
+
+def test_labels_differing_in_case_warned(tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    from mil.data import read_labels
+
+    (tmp_path / "labels.csv").write_text(
+        "slide_id,label\na,Brightfield\nb,brightfield\nc,brightfield \nd,fluorescence\n")
+    with caplog.at_level(logging.WARNING, logger="mil.data.labels"):
+        read_labels(tmp_path / "labels.csv")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "'Brightfield' (1 rows)" in warnings[0]
+    assert "'brightfield' (2 rows)" in warnings[0]
+
+
+def test_fixed_split_missing_class_says_edit(tmp_path: Path) -> None:
+    labels = write_slides(tmp_path / "features", n_slides=8)
+    splits = {slide_id: "train" for slide_id in labels}
+    splits["slide-00"] = "val"
+    splits["slide-02"] = "val"
+    write_labels(tmp_path / "labels.csv", labels, splits)
+    with pytest.raises(ConfigError) as caught:
+        run_training(_config(tmp_path))
+    message = str(caught.value)
+    assert "['tumor']" in message
+    assert "slide-00, slide-02" in message
+    assert "edit the split column" in message
+    assert "fewer" not in message
+
+
+def test_too_many_folds_names_class(tmp_path: Path) -> None:
+    labels = write_slides(tmp_path / "features", n_slides=8)
+    labels = {slide_id: ("rare" if slide_id in ("slide-00", "slide-01") else "common")
+              for slide_id in labels}
+    write_labels(tmp_path / "labels.csv", labels)
+    with pytest.raises(ConfigError) as caught:
+        run_training(_config(tmp_path, folds=3))
+    message = str(caught.value)
+    assert "'rare' has 2 patient(s)" in message
+    assert "--folds to at most 2" in message
+
+
+def test_cli_train_invalid_values_one_line_each(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    write_slides(tmp_path / "features", n_slides=4)
+    result = CliRunner().invoke(app, [
+        "train", "--features-dir", str(tmp_path / "features"), "--run-dir",
+        str(tmp_path / "run"), "--lr", "-1", "--val-fraction", "1.5", "--no-progress",
+    ])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 3, result.output
+    assert "--labels is required" in result.output
+    assert "--lr -1.0 is invalid: input should be greater than 0" in result.output
+    assert "--val-fraction 1.5 is invalid" in result.output
+    assert "pydantic" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_train_help_shows_defaults() -> None:
+    import re
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from mil.data.packing import PackingConfig
+
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(result.output.replace("│", " ").split())
+    fields = TrainConfig.model_fields
+    expected = {
+        "--epochs": fields["epochs"].default, "--folds": fields["folds"].default,
+        "--lr": fields["lr"].default, "--patience": fields["patience"].default,
+        "--n-bootstrap": fields["n_bootstrap"].default,
+        "--val-fraction": fields["val_fraction"].default,
+        "--pack-len": PackingConfig.model_fields["pack_len"].default,
+        "--main-fraction": PackingConfig.model_fields["main_fraction"].default,
+        "--residual-loss-weight": PackingConfig.model_fields["residual_loss_weight"].default,
+    }
+    for option, value in expected.items():
+        found = re.search(re.escape(option) + r" .*?Default: ([^ ]+?)\.? ", text)
+        assert found is not None, option
+        assert float(found.group(1)) == pytest.approx(float(value)), option
