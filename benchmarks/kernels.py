@@ -14,7 +14,7 @@ The three forms compute the same result (checked before timing):
 - loop: a Python loop over the bags of `torch.split` (one backward node for all bags, unlike
   slicing each bag, whose backward writes a full-size gradient per bag), each bag with plain
   torch calls (softmax, matmul, mean, amax).
-- padded: bags padded to the longest one, [B, L_max, ...] with a mask; the time covers the
+- padded: bags padded to the longest one, [B, L_max, ...] with a mask. The time covers the
   model-side computation on the padded tensor, not building it.
 
 Bag lengths are uneven: log-normal draws (sigma 1) scaled to sum to `--tiles`, seeded.

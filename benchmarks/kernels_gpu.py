@@ -6,10 +6,10 @@ Run from the repository root on a machine with a GPU:
     .venv/bin/python benchmarks/kernels_gpu.py --tiles 100000 --dim 1024 --json gpu.json
 
 Part 1 runs every CUDA backend in bfloat16 on a random pack (bag lengths 1, 2, 7, 127, 1000 and
-uneven bags up to 4096) and compares it with the float32 reference backend: softmax attention on
-varlen and flex, routed and block sparse attention on flex, Nyström and agent attention on both,
-and the pooling primitives against the CPU. It prints the max abs error per check and exits
-non-zero when one is above its tolerance.
+uneven bags up to 4096) and compares it with the float32 reference backend. The checks cover
+softmax attention on varlen and flex, routed and block sparse attention on flex, Nyström and
+agent attention on both, and the pooling primitives against the CPU. The script prints the max
+abs error per check and exits non-zero when one is above its tolerance.
 
 Part 2 times `segment_attention_pool` at N tiles and D features (bfloat16 and float32, forward
 and forward + backward) and reports the achieved bandwidth: the bytes the pooling must move at
