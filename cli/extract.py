@@ -232,9 +232,6 @@ def command(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(code=1) from err
 
-    console.print(
-        f"extract: {result.n_ok} slides extracted, {result.n_failed} failed, "
-        f"{result.n_skipped} skipped; manifest {result.manifest_path}"
-    )
+    console.print(result.summary("extracted"))
     if result.n_failed:
         raise typer.Exit(code=1)

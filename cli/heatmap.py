@@ -187,9 +187,6 @@ def command(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(code=1) from err
 
-    console.print(
-        f"heatmap: {result.n_ok} slides rendered, {result.n_failed} failed, "
-        f"{result.n_skipped} skipped. Manifest: {result.manifest_path}"
-    )
+    console.print(result.summary("rendered"))
     if result.n_failed:
         raise typer.Exit(code=1)

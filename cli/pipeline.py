@@ -253,7 +253,7 @@ def run_pipeline(
             stamp_path = _predict_stamp_path(stage_config)
             stamp_path.parent.mkdir(parents=True, exist_ok=True)
             stamp_path.write_text(json.dumps(_predict_inputs_stamp(stage_config), indent=1))
-        logger.info("stage %s: done, outputs in %s", stage, outcome.output)
+        logger.info("stage %s: done (%s), outputs in %s", stage, outcome.detail, outcome.output)
         if outcome.failed and config.stop_on_failure:
             logger.error(
                 "stage %s: %d slide(s) failed; see %s/manifest.csv. Fix or remove them and run "

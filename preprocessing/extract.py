@@ -53,7 +53,7 @@ from preprocessing.errors import (
     TileReadError,
 )
 from preprocessing.inputs import SlideInput, list_slides
-from preprocessing.jobs import SlideOutcome, StageResult, run_slides
+from preprocessing.jobs import Shard, SlideOutcome, StageResult, run_slides
 from preprocessing.slide import Slide, open_slide
 from preprocessing.stores import (
     CoordsStore,
@@ -133,7 +133,7 @@ class ExtractConfig(BaseModel):
     format: Literal["h5", "zarr"] = "h5"
     dtype: Literal["float16", "float32"] = "float16"
     max_failed_tile_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
-    shard: str | None = None
+    shard: Shard = None
     overwrite: bool = False
     skip_errors: bool = True
     progress: bool = True

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mil.heatmap.colormap import Colormap
 from mil.heatmap.normalize import Normalization
+from preprocessing.jobs import Shard
 
 #: Largest thumbnail side in pixels. Rendering holds several float planes of the thumbnail size:
 #: benchmarks/heatmap.py measured 50 to 75 bytes per thumbnail pixel at 2048 and 4096 px, so
@@ -78,7 +79,7 @@ class HeatmapConfig(BaseModel):
     geojson_object_type: Literal["tile", "detection"] = "tile"
     overwrite: bool = False
     skip_errors: bool = True
-    shard: str | None = None
+    shard: Shard = None
 
     @model_validator(mode="after")
     def _check_raw_range(self) -> HeatmapConfig:

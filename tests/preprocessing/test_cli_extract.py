@@ -52,7 +52,7 @@ def test_extract_command_writes_stores(tmp_path: Path) -> None:
     result = CliRunner().invoke(_app(), _arguments(tmp_path / "tiles", tmp_path / "features"))
 
     assert result.exit_code == 0, result.output
-    assert "1 slides extracted, 0 failed" in result.output
+    assert "1 slide extracted, 0 failed" in result.output
     with open_feature_store(tmp_path / "features" / SMALL_MODEL / "cmu.zarr") as store:
         assert store.n_tiles == 3
         assert store.read_features().dtype == "float32"
@@ -90,4 +90,4 @@ def test_extract_command_overwrite_redoes_store(tmp_path: Path) -> None:
 
     assert "0 slides extracted, 0 failed, 1 skipped" in skipped.output
     assert redone.exit_code == 0, redone.output
-    assert "1 slides extracted, 0 failed, 0 skipped" in redone.output
+    assert "1 slide extracted, 0 failed, 0 skipped" in redone.output
