@@ -197,6 +197,7 @@ def command(
     """Embed every tile listed in the coords stores with a pretrained backbone."""
     from pydantic import ValidationError
 
+    from cli.options import format_option_errors
     from preprocessing.errors import SlidemilError
     from preprocessing.extract import ExtractConfig, run_extraction
 
@@ -226,7 +227,7 @@ def command(
         )
         result = run_extraction(cfg)
     except ValidationError as err:
-        console.print(f"[red]error:[/red] invalid extract options:\n{err}")
+        console.print(f"[red]error:[/red] invalid extract options:\n{format_option_errors(err)}")
         raise typer.Exit(code=2) from err
     except SlidemilError as err:
         console.print(f"[red]error:[/red] {err}")

@@ -154,6 +154,7 @@ def command(
     """Write attention overlays (PNG), QuPath GeoJSON and top-tile galleries per slide."""
     from pydantic import ValidationError
 
+    from cli.options import format_option_errors
     from mil.heatmap import Colormap, GeoJsonOrigin, HeatmapConfig, Normalization, run_heatmaps
     from preprocessing.errors import SlidemilError
 
@@ -181,7 +182,7 @@ def command(
         )
         result = run_heatmaps(cfg)
     except ValidationError as err:
-        console.print(f"[red]error:[/red] invalid heatmap options:\n{err}")
+        console.print(f"[red]error:[/red] invalid heatmap options:\n{format_option_errors(err)}")
         raise typer.Exit(code=2) from err
     except SlidemilError as err:
         console.print(f"[red]error:[/red] {err}")

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from cli.logs import console
-
-if TYPE_CHECKING:
-    from pydantic import ValidationError
 
 _GRID = "Tile grid"
 _TISSUE = "Tissue detection"
@@ -202,6 +199,7 @@ def command(
     from pydantic import ValidationError
     from rich.markup import escape
 
+    from cli.options import format_option_errors
     from preprocessing.errors import SlidemilError
     from preprocessing.tiling import TilingConfig, run_tiling
 
@@ -233,7 +231,8 @@ def command(
         )
         result = run_tiling(cfg)
     except ValidationError as err:
-        console.print(f"[red]error:[/red] invalid tiling options:\n{escape(_option_errors(err))}")
+        message = escape(format_option_errors(err))
+        console.print(f"[red]error:[/red] invalid tiling options:\n{message}")
         raise typer.Exit(code=2) from err
     except SlidemilError as err:
         console.print(f"[red]error:[/red] {escape(str(err))}")
@@ -242,13 +241,3 @@ def command(
     console.print(result.summary("tiled"))
     if result.n_failed:
         raise typer.Exit(code=1)
-
-
-def _option_errors(err: ValidationError) -> str:
-    """One line per invalid option, named as on the command line (``--overlap-px``)."""
-    lines = []
-    for error in err.errors():
-        options = ", ".join(f"--{str(part).replace('_', '-')}" for part in error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
-        lines.append(f"  {options}: {message}" if options else f"  {message}")
-    return "\n".join(lines)
