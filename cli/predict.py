@@ -37,7 +37,8 @@ def command(
     output_dir: Annotated[
         Path | None,
         typer.Option("--output-dir", "-o", file_okay=False,
-                     help="Where predictions.csv and attention/ go; default: the run directory.",
+                     help="Where predictions.csv and attention/ go; default: the run directory. "
+                     "An existing predictions.csv keeps the rows of slides not predicted now.",
                      rich_help_panel=_INPUT),
     ] = None,
     slides: Annotated[
@@ -112,7 +113,10 @@ def command(
         )
         result = run_prediction(cfg)
     except ValidationError as err:
-        console.print(f"[red]error:[/red] invalid predict options:\n{err}")
+        from mil.train import validation_messages
+
+        for line in validation_messages(err):
+            console.print(f"[red]error:[/red] {line}", soft_wrap=True)
         raise typer.Exit(code=2) from err
     except SlidemilError as err:
         console.print(f"[red]error:[/red] {err}")

@@ -211,7 +211,7 @@ def _check_expected(
     path = checkpoint.path
     if expected_model is not None and checkpoint.model_name != expected_model:
         raise CheckpointError(
-            f"{path}: checkpoint holds model {checkpoint.model_name!r}, expected "
+            f"{path}: checkpoint contains model {checkpoint.model_name!r}, expected "
             f"{expected_model!r}; use a checkpoint of a {expected_model!r} run, or load this "
             f"one where a {checkpoint.model_name!r} model is expected."
         )

@@ -11,7 +11,7 @@ Loss of one optimizer step over the bags of all its packs (and all DDP processes
 
 where w_y is the class weight of the bag's label (soft labels mix the weights) and the counts
 are over the whole step. Hyperslides count at `residual_weight` in the auxiliary term as in the
-task term; models return one auxiliary value per pack, so a pack's share is weighted by its mix
+task term. Models return one auxiliary value per pack, so a pack's share is weighted by its mix
 of main bags and hyperslides. Each pack contributes its share of the sums before its backward pass,
 so accumulating k packs in one process gives the same gradient as k DDP processes with one pack
 each.

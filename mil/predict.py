@@ -137,8 +137,8 @@ def load_members(cfg: PredictConfig, paths: Sequence[Path], in_dim: int,
     features.
 
     Raises:
-        CheckpointError: a checkpoint holds another model than the run's config.yaml, another
-            class map than its classes.json, or another feature dimension.
+        CheckpointError: a checkpoint contains another model than the run's config.yaml,
+            another class map than its classes.json, or another feature dimension.
     """
     from mil.data import ClassMap
     from mil.train import read_run_config
@@ -164,7 +164,7 @@ def check_run_member(checkpoint: Checkpoint, layout: RunLayout, run_model: objec
     """
     if isinstance(run_model, str) and checkpoint.model_name != run_model:
         raise CheckpointError(
-            f"{checkpoint.path}: checkpoint holds model {checkpoint.model_name!r} but "
+            f"{checkpoint.path}: checkpoint contains model {checkpoint.model_name!r} but "
             f"{layout.config} trained {run_model!r}; this checkpoint comes from another run, so "
             f"move it out of {layout.root} or predict with the run directory that trained it"
         )
@@ -287,8 +287,8 @@ def read_previous_predictions(path: Path, classes: Sequence[str]
     """Read the header and rows of an earlier predictions.csv, or ([], []) when there is none.
 
     Raises:
-        ConfigError: the file is unreadable or holds the probabilities of other classes, so its
-            rows cannot be merged with this run's.
+        ConfigError: the file is unreadable or contains the probabilities of other classes, so
+            its rows cannot be merged with this run's.
     """
     if not path.exists():
         return [], []
@@ -301,8 +301,8 @@ def read_previous_predictions(path: Path, classes: Sequence[str]
         raise ConfigError(f"{path}: cannot read the earlier predictions ({err}); move the file "
                           "away or choose another --output-dir") from err
     if header and "slide_id" not in header:
-        raise ConfigError(f"{path} has no slide_id column, so it is no predictions file of "
-                          "slidemil; move it away or choose another --output-dir")
+        raise ConfigError(f"{path}: invalid predictions file, the slide_id column is missing; "
+                          "move it away or choose another --output-dir")
     previous = [name[len("prob_"):] for name in header if name.startswith("prob_")]
     if header and previous != list(classes):
         raise ConfigError(

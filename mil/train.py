@@ -264,7 +264,7 @@ def load_train_config(path: Path, overrides: Mapping[str, Any] | None = None) ->
 
 
 def validation_messages(err: ValidationError, cli: bool = True) -> list[str]:
-    """One plain line per invalid field: its option (or config key), the value, what is allowed.
+    """Format each invalid field as one plain line: option (or config key), value, what is allowed.
 
     Args:
         err: the pydantic error of a `TrainConfig` (or another stage config) validation.

@@ -180,7 +180,7 @@ class TrainingSession:
         return self.cfg.split
 
     def _split_fix_hint(self, has_split_column: bool) -> str | None:
-        """How to repair a split the user wrote; None for generated splits."""
+        """Return how to repair a split the user wrote, or None for generated splits."""
         mode = self._split_mode(has_split_column)
         if mode == "column":
             return (f"edit the split column of {self.cfg.labels} so that every non-empty part "
@@ -438,8 +438,8 @@ def resolve_model(cfg: TrainConfig) -> TrainConfig:
     return cfg.model_copy(update={"model": name, "model_options": options})
 
 
-#: Feature dimension of the trial build that checks the model options before any data is read;
-#: the real build in each (split, seed) uses the stores' dimension.
+#: Feature dimension of the trial build that checks the model options before any data is read.
+#: The real build in each (split, seed) uses the stores' dimension.
 PROBE_IN_DIM = 16
 
 
@@ -473,7 +473,7 @@ def build_model(cfg: TrainConfig, in_dim: int, n_classes: int) -> nn.Module:
 
 def _failing_option(cfg: TrainConfig, in_dim: int, n_classes: int
                     ) -> tuple[str, Any, Exception] | None:
-    """The first option that fails a build on its own, with its error, or None."""
+    """Find the first option that fails a build on its own; return it with its error."""
     from mil.models import create_model
 
     for key, value in cfg.model_options.items():

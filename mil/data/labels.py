@@ -261,7 +261,8 @@ def warn_case_variants(rows: Sequence[LabelRow], path: Path | None = None) -> li
         spellings.setdefault(label.casefold(), []).append(label)
     groups = [group for group in spellings.values() if len(group) > 1]
     for group in groups:
-        shown = ", ".join(f"{label!r} ({counts[label]} rows)" for label in group)
+        shown = ", ".join(f"{label!r} ({counts[label]} row{'s' if counts[label] != 1 else ''})"
+                          for label in group)
         logger.warning("label file %s: the labels %s differ only in letter case and become "
                        "separate classes; write them the same way if they are one class",
                        path or "", shown)

@@ -55,7 +55,7 @@ def test_file_loads_with_weights_only(tmp_path: Path) -> None:
 def test_other_model_rejected(tmp_path: Path) -> None:
     path = tmp_path / "checkpoint.pt"
     _save(path, model_name="mean")
-    with pytest.raises(CheckpointError, match="holds model 'mean', expected 'abmil'"):
+    with pytest.raises(CheckpointError, match="contains model 'mean', expected 'abmil'"):
         load_checkpoint(path, expected_model="abmil")
 
 

@@ -403,7 +403,7 @@ def test_labels_differing_in_case_warned(tmp_path: Path,
         read_labels(tmp_path / "labels.csv")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "'Brightfield' (1 rows)" in warnings[0]
+    assert "'Brightfield' (1 row)" in warnings[0]
     assert "'brightfield' (2 rows)" in warnings[0]
 
 
