@@ -119,14 +119,15 @@ def select_checkpoints(cfg: PredictConfig) -> list[Path]:
     if not chosen:
         available = sorted({f"{p.parent.parent.name}/{p.parent.name}" for p in found})
         raise CheckpointError(
-            f"{layout.root}: no {name} matches folds={cfg.folds} seeds={cfg.seeds} "
-            f"(available: {', '.join(available) or 'none'}); train first or change the selection"
+            f"{layout.root}: no {name} matches --fold {cfg.folds} --seed {cfg.seeds} "
+            f"(available: {', '.join(available) or 'none'}); train first or change --fold, "
+            "--seed or --checkpoint"
         )
     if not cfg.ensemble and len(chosen) > 1:
         names = [f"{p.parent.parent.name}/{p.parent.name}" for p in chosen]
         raise ConfigError(
             f"ensemble is off but {len(chosen)} models match ({', '.join(names)}); "
-            "select one with folds and seeds"
+            "select one with --fold and --seed"
         )
     return chosen
 
@@ -215,7 +216,7 @@ def run_prediction(cfg: PredictConfig) -> PredictResult:
     missing = [slide_id for slide_id in slide_ids if slide_id not in stores]
     if missing:
         raise ConfigError(f"no feature store in {cfg.features_dir} for slide(s) {missing[:5]}; "
-                          "run `slidemil extract` for them or remove them from `slides`")
+                          "run `slidemil extract` for them or leave out their --slide")
     if not slide_ids:
         raise ConfigError(f"{cfg.features_dir} contains no feature stores; run `slidemil extract`")
 
@@ -426,5 +427,5 @@ def _read_true_labels(cfg: PredictConfig, slide_ids: Sequence[str], classes: Seq
     unlabeled = [slide_id for slide_id in slide_ids if slide_id not in labels]
     if unlabeled:
         raise ConfigError(f"{cfg.labels} has no label for {len(unlabeled)} predicted slide(s), "
-                          f"first {unlabeled[:5]}; add them or restrict `slides`")
+                          f"first {unlabeled[:5]}; add them or select slides with --slide")
     return labels
