@@ -336,8 +336,10 @@ class BagDataset(torch.utils.data.Dataset[Bag]):
                 features = read_rows(store, rows)
                 coords = store.coords if rows is None else store.coords[rows]
         except OSError as err:
-            raise StoreFormatError(f"slide {slide_id}: reading {path} failed ({err}); "
-                                   "rerun `slidemil extract` for this slide") from err
+            raise StoreFormatError(
+                f"slide {slide_id}: reading {path} failed ({err}); rerun `slidemil extract`, "
+                "which rebuilds damaged stores, or delete the file first"
+            ) from err
         check_features(slide_id, path, features, coords, self.dim, rows)
         return features, np.ascontiguousarray(coords, dtype=np.int64)
 
@@ -390,7 +392,7 @@ def check_features(
     if coords.ndim != 2 or coords.shape != (features.shape[0], 2):
         raise StoreFormatError(
             f"slide {slide_id}: {path} has {features.shape[0]} feature rows but coords of shape "
-            f"{coords.shape}; rerun `slidemil extract` for this slide"
+            f"{coords.shape}; rerun `slidemil extract`, which rebuilds such stores"
         )
     finite = np.isfinite(features).all(axis=1)
     if not finite.all():
@@ -398,8 +400,8 @@ def check_features(
         first = int(bad[0]) if rows is None else int(rows[bad[0]])
         raise StoreFormatError(
             f"slide {slide_id}: {path} has NaN or infinite features in {bad.size} row(s), first "
-            f"at row {first}; rerun `slidemil extract` for this slide (check the backbone "
-            "weights and the precision setting)"
+            f"at row {first}; rerun `slidemil extract`, which rebuilds such stores (check the "
+            "backbone weights, or use --dtype float32 when values overflow float16)"
         )
 
 
