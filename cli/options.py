@@ -6,7 +6,7 @@ from pydantic import ValidationError
 
 
 def format_option_errors(err: ValidationError) -> str:
-    """One line per invalid option, named as on the command line (``--overlap-px``)."""
+    """Format one line per invalid option, named as on the command line (``--overlap-px``)."""
     lines = []
     for error in err.errors():
         options = ", ".join(f"--{str(part).replace('_', '-')}" for part in error["loc"])

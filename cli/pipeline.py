@@ -49,7 +49,7 @@ class PipelineConfig(BaseModel):
 
 @dataclass
 class StageOutcome:
-    """What one stage of the pipeline produced."""
+    """Result of one pipeline stage: its output folder, failed slides and summary."""
 
     stage: str
     output: Path
@@ -103,7 +103,7 @@ def stage_folders(config: PipelineConfig) -> dict[str, Path]:
 
 
 def stage_sections(config: PipelineConfig) -> dict[str, dict[str, Any]]:
-    """Each stage's config fields with the connecting folders filled in."""
+    """Return each stage's config fields with the connecting folders filled in."""
     folders = stage_folders(config)
     return {
         "tile": {"output_dir": folders["tiles"], **config.tile},
@@ -191,7 +191,7 @@ def _output_folder(stage: str, stage_config: Any, result: Any) -> Path:
 
 
 def _predict_inputs_stamp(stage_config: Any) -> dict[str, Any]:
-    """What a prediction depends on: its settings and the files it reads, with their mtimes."""
+    """Return the settings of a prediction and the files it reads, with their mtimes."""
     run_dir = Path(stage_config.run_dir)
     features_dir = Path(stage_config.features_dir)
     files = sorted(run_dir.rglob("checkpoint*.pt")) + sorted(features_dir.glob("*.h5")) + sorted(
