@@ -45,7 +45,6 @@ sys.path.insert(0, str(REPO_ROOT))
 from mil.batch import PackedBatch  # noqa: E402
 from mil.data_tables import MILTable, read_mil_table  # noqa: E402
 from mil.engine import predict_bags, train_epoch  # noqa: E402
-from mil.kernels import segment_attention_pool  # noqa: E402
 from mil.kernels.segments import Segments  # noqa: E402
 from mil.models import create_model  # noqa: E402
 from mil.models.base import MILModel, MILOutput  # noqa: E402
@@ -81,23 +80,6 @@ PUBLISHED: dict[str, dict[str, float]] = {
 MODELS = ("abmil", "gated_abmil", "acmil", "dsmil")
 
 
-class AttentionMIL(MILModel):
-    """Attention pooling without the gate, a_t = softmax_t(wᵀ tanh(V h_t)) (Ilse et al. 2018)."""
-
-    def __init__(self, in_dim: int, n_classes: int, embed_dim: int = 128,
-                 attention_dim: int = 64, dropout: float = 0.0) -> None:
-        super().__init__(in_dim, n_classes)
-        self.embed = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
-        self.score = nn.Sequential(nn.Linear(embed_dim, attention_dim), nn.Tanh(),
-                                   nn.Linear(attention_dim, 1))
-        self.classifier = nn.Linear(embed_dim, n_classes)
-
-    def forward(self, batch: PackedBatch) -> MILOutput:
-        tiles = self.embed(batch.features)  # [T, E]
-        pooled, weights = segment_attention_pool(tiles, self.score(tiles), batch.segments)
-        return MILOutput(logits=self.classifier(pooled[:, 0]), attention=weights[:, 0])
-
-
 class InstanceMLP(MILModel):
     """fc-256 + ReLU + dropout on every instance, then a MIL model on the 256-dim embeddings."""
 
@@ -118,7 +100,8 @@ def build_model(name: str, in_dim: int, dropout: float) -> MILModel:
     """Build the benchmark model `name` for `in_dim` features and two classes."""
     hidden = 256
     if name == "abmil":
-        head: MILModel = AttentionMIL(hidden, 2, embed_dim=128, attention_dim=64, dropout=dropout)
+        head: MILModel = create_model("abmil", hidden, 2, embed_dim=128, attention_dim=64,
+                                      dropout=dropout, gated=False)
     elif name == "gated_abmil":
         head = create_model("abmil", hidden, 2, embed_dim=128, attention_dim=64, dropout=dropout)
     elif name == "acmil":

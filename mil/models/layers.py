@@ -36,6 +36,21 @@ class GatedAttentionScores(nn.Module):
         return self.score(self.tanh_branch(tiles) * self.gate_branch(tiles))
 
 
+class TanhAttentionScores(nn.Module):
+    """Attention logits without the gate (Ilse et al. 2018): score(h) = wᵀ tanh(V h)."""
+
+    def __init__(self, dim: int, attention_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.tanh_branch = nn.Sequential(
+            nn.Linear(dim, attention_dim), nn.Tanh(), nn.Dropout(dropout)
+        )
+        self.score = nn.Linear(attention_dim, 1)
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Return attention logits [T, 1] for tile embeddings [T, dim] (not yet normalised)."""
+        return self.score(self.tanh_branch(tiles))
+
+
 def bag_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over bags for hard labels [B] (int64) or soft labels [B, C] (float)."""
     if labels.dim() == 1:

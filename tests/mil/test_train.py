@@ -78,7 +78,9 @@ def test_checkpoint_keeps_class_map_and_threshold(tmp_path: Path) -> None:
     member = json.loads((tmp_path / "run" / "fold_0" / "seed_0" / "metrics.json").read_text())
 
     assert checkpoint.threshold == pytest.approx(member["threshold"])
-    assert checkpoint.model_config == {"embed_dim": 256, "attention_dim": 128, "dropout": 0.25}
+    assert checkpoint.model_config == {
+        "embed_dim": 256, "attention_dim": 128, "dropout": 0.25, "gated": True
+    }
     assert 1 <= checkpoint.epoch <= 3
     rows = _read_csv(tmp_path / "run" / "fold_0" / "seed_0" / "predictions_val.csv")
     assert set(rows[0]) == {"slide_id", "label", "predicted_class", "probability",
