@@ -144,10 +144,18 @@ def prepare_batch(batch: PackedBatch, device: torch.device) -> PackedBatch:
     return batch.to(device, non_blocking=True)
 
 
-def _residual_mask(batch: PackedBatch) -> torch.Tensor:
+def _count_residual(batch: PackedBatch) -> int:
+    """Count the hyperslides in `batch`, with no device sync while it is still on the CPU."""
     if batch.is_residual is None:
-        return torch.zeros(batch.num_bags, dtype=torch.bool)
-    return batch.is_residual.detach().to("cpu", torch.bool)
+        return 0
+    return int(batch.is_residual.detach().to("cpu", torch.bool).sum())
+
+
+def _residual_float(batch: PackedBatch, like: torch.Tensor) -> torch.Tensor:
+    """Return 1.0 for each hyperslide and 0.0 for each main bag, as [B] on the device of `like`."""
+    if batch.is_residual is None:
+        return torch.zeros(batch.num_bags, dtype=like.dtype, device=like.device)
+    return batch.is_residual.to(like.device, like.dtype, non_blocking=True)
 
 
 def _groups(packs: Iterable[PackedBatch], size: int) -> Iterator[list[PackedBatch]]:
@@ -202,8 +210,9 @@ def train_epoch(
     n_steps, n_bags = 0, 0
 
     for group in _groups(packs, packs_per_step):
-        residual = [_residual_mask(pack) for pack in group]
-        n_residual_local = sum(int(mask.sum()) for mask in residual)
+        # The loader builds packs on the CPU, so these counts cost no device sync.
+        residual_counts = [_count_residual(pack) for pack in group]
+        n_residual_local = sum(residual_counts)
         n_bags_local = sum(pack.num_bags for pack in group)
         counts = torch.tensor(
             [n_bags_local - n_residual_local, n_residual_local, n_bags_local], dtype=torch.float64
@@ -211,7 +220,7 @@ def train_epoch(
         n_main, n_residual, n_step_bags = all_reduce_sum(counts, device).tolist()
         optimizer.zero_grad(set_to_none=True)
 
-        for index, (pack, is_residual) in enumerate(zip(group, residual, strict=True)):
+        for index, (pack, n_pack_residual) in enumerate(zip(group, residual_counts, strict=True)):
             pack = prepare_batch(pack, device)
             if pack.labels is None:
                 raise ValueError(f"training batch of {pack.bag_ids} has no labels")
@@ -222,13 +231,11 @@ def train_epoch(
                 with autocast_context(device, amp):
                     output = model(pack)
                 losses = per_bag_loss(output.logits, pack.labels, class_weights)  # [B]
-                is_residual = is_residual.to(losses.device)
-                residual_float = is_residual.to(losses.dtype)
+                residual_float = _residual_float(pack, losses)  # [B]
                 loss = (losses * (1.0 - residual_float)).sum() / max(n_main, 1.0)
                 if n_residual > 0:
                     loss = loss + residual_weight * (losses * residual_float).sum() / n_residual
                 aux = sum(output.aux_losses.values(), torch.zeros((), device=losses.device))
-                n_pack_residual = int(is_residual.sum())
                 aux_bags = (pack.num_bags - n_pack_residual) + residual_weight * n_pack_residual
                 aux = aux.float() * (aux_bags / max(n_step_bags, 1.0))
                 # DDP averages gradients over processes; scaling by the world size turns that
