@@ -69,7 +69,7 @@ def run(
 
     selected = None
     if stages is not None:
-        selected = [name.strip() for name in stages.split(",") if name.strip()]
+        selected = [name.strip() for name in stages.split(",")] if stages.strip() else []
     try:
         pipeline = load_pipeline_config(config, selected)
         outcomes = run_pipeline(pipeline, source=config)

@@ -67,9 +67,17 @@ def load_pipeline_config(path: Path, stages: list[str] | None = None) -> Pipelin
         raise ConfigError(f"{path}: a pipeline config must be a mapping with an output_dir key")
     try:
         config = PipelineConfig.model_validate(raw)
-    except ValueError as err:
-        raise ConfigError(f"{path}: invalid pipeline config:\n{err}") from err
+    except ValidationError as err:
+        raise ConfigError(
+            f"{path}: invalid pipeline config:\n  " + "\n  ".join(_problems("", err))
+        ) from err
+    if config.output_dir.exists() and not config.output_dir.is_dir():
+        raise ConfigError(
+            f"{path}: output_dir {config.output_dir} is a file; point it at a folder"
+        )
     if stages is not None:
+        if any(not stage for stage in stages):
+            raise ConfigError(f"{path}: empty stage name in {stages}; separate stages by one comma")
         config.stages = stages
     if not config.stages:
         raise ConfigError(f"{path}: no stage selected; stages are {', '.join(STAGES)}")
@@ -166,9 +174,9 @@ def build_stage_configs(config: PipelineConfig, source: Path | str = "pipeline c
         try:
             built[stage] = config_class(**sections[stage])
         except ValidationError as err:
-            for error in err.errors():
-                key = ".".join(str(part) for part in (stage, *error["loc"]))
-                problems.append(f"{key}: {error['msg']}")
+            problems.extend(_problems(stage, err))
+    if "train" in built and "train" in config.stages:
+        problems.extend(_train_input_problems(built["train"]))
     if problems:
         raise ConfigError(
             f"{source}: invalid settings:\n  " + "\n  ".join(problems)
@@ -176,6 +184,29 @@ def build_stage_configs(config: PipelineConfig, source: Path | str = "pipeline c
             "(YAML keys are the option names with '_' for '-')."
         )
     return built
+
+
+def _problems(section: str, err: ValidationError) -> list[str]:
+    """One `section.key: problem` line per validation error."""
+    lines = []
+    for error in err.errors():
+        key = ".".join(str(part) for part in (section, *error["loc"]) if part != "")
+        lines.append(f"{key or 'top level'}: {error['msg']}")
+    return lines
+
+
+def _train_input_problems(train_config: Any) -> list[str]:
+    """Check the train inputs that exist before the pipeline starts: labels file and model."""
+    from mil.models.presets import load_model_preset
+
+    problems = []
+    if not Path(train_config.labels).is_file():
+        problems.append(f"train.labels: label file {train_config.labels} not found")
+    try:
+        load_model_preset(train_config.model)
+    except ConfigError as err:
+        problems.append(f"train.model: {err}")
+    return problems
 
 
 def _output_folder(stage: str, stage_config: Any, result: Any) -> Path:

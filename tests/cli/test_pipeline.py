@@ -26,7 +26,8 @@ class FakeConfig(BaseModel):
     coords_dir: Path | None = None
     attention_dir: Path | None = None
     slides: str | None = None
-    labels: str | None = None
+    labels: str = __file__
+    model: str = "abmil"
     backbone: str = "efficientnet_lite0"
 
 
@@ -121,3 +122,41 @@ def test_predict_reused_until_inputs_change(tmp_path: Path, calls: list[str]) ->
     (folders["features"] / "b.h5").write_bytes(b"new slide")
     run_pipeline(config)
     assert calls == ["predict", "predict"]
+
+
+def test_output_dir_that_is_a_file_rejected(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(afile)}))
+    with pytest.raises(ConfigError, match="is a file"):
+        load_pipeline_config(path)
+
+
+def test_top_level_keys_listed_plainly(tmp_path: Path) -> None:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": [1, 2], "run_name": 5, "toplevel_typo": 1}))
+    with pytest.raises(ConfigError) as info:
+        load_pipeline_config(path)
+    message = str(info.value)
+    assert "toplevel_typo: Extra inputs are not permitted" in message
+    assert "run_name:" in message
+    assert "errors.pydantic.dev" not in message
+
+
+def test_missing_labels_and_model_found_up_front(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path, tile={"slides": "x"},
+        train={"labels": str(tmp_path / "missing.csv"), "model": "abmill"},
+    )
+    result = CliRunner().invoke(app, ["run", str(path)])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1
+    assert "train.labels: label file" in output
+    assert "train.model:" in output
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_stage_name_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="empty stage name"):
+        load_pipeline_config(write_config(tmp_path), ["tile", "", "extract"])
