@@ -358,12 +358,27 @@ def render_slide(
         "probability": store.attrs.get("probability"),
         "maps": [m.title for m in maps],
         "attention_sha256": attention_digest(store),
+        "render_settings": render_settings(cfg),
         "files": files,
         "seconds": seconds,
         "complete": True,
     }
     _write_json(summary, paths.summary)
     return summary
+
+
+#: HeatmapConfig fields that change the rendered files. A summary whose recorded values differ
+#: from the current config is out of date, so the slide is rendered again.
+RENDER_SETTING_FIELDS = frozenset({
+    "max_size", "downsample", "normalization", "raw_range", "colormap", "opacity", "per_head",
+    "top_k", "gallery_tile_px", "geojson", "geojson_origin", "geojson_object_type",
+})
+
+
+def render_settings(cfg: HeatmapConfig) -> dict[str, Any]:
+    """Return the rendering settings of `cfg` as JSON values, as recorded in the summary."""
+    settings: dict[str, Any] = cfg.model_dump(mode="json", include=set(RENDER_SETTING_FIELDS))
+    return settings
 
 
 #: Store attributes left out of `attention_digest`: they do not change the rendered outputs.

@@ -7,7 +7,8 @@ Outputs per slide, in `<output_dir>/`:
     <slide_id>.geojson             tile polygons with scores as QuPath measurements
     <slide_id>.top_tiles.png|csv   gallery and table of the top_k highest and lowest tiles
     <slide_id>.summary.json        written last; marks the slide as done for the attention
-                                   content whose digest it records
+                                   content whose digest it records and the rendering
+                                   settings it records
 
 plus `<output_dir>/manifest.csv` with one row per slide.
 """
@@ -18,7 +19,13 @@ import logging
 from pathlib import Path
 
 from mil.heatmap.config import HeatmapConfig
-from mil.heatmap.render import attention_digest, is_complete_output, read_summary, render_slide
+from mil.heatmap.render import (
+    attention_digest,
+    is_complete_output,
+    read_summary,
+    render_settings,
+    render_slide,
+)
 from preprocessing.errors import ConfigError, SlideOpenError, StoreFormatError
 from preprocessing.inputs import SlideInput, list_slides
 from preprocessing.jobs import SlideOutcome, StageResult, run_slides
@@ -77,15 +84,27 @@ def _job_list(
     ]
 
 
-def _output_is_current(output_dir: Path, job: SlideInput) -> bool:
-    """True for complete outputs made from attention with the content the store has now.
+def _output_is_current(cfg: HeatmapConfig, job: SlideInput) -> bool:
+    """True for complete outputs made with the current rendering settings from attention with
+    the content the store has now.
 
     Compares digests rather than modification times, so a store that `slidemil predict`
     rewrote with the same content keeps its outputs.
     """
+    output_dir = Path(cfg.output_dir)
     if not is_complete_output(output_dir, job.slide_id) or not job.path.exists():
         return False
-    recorded = read_summary(output_dir, job.slide_id).get("attention_sha256")
+    summary = read_summary(output_dir, job.slide_id)
+    settings = render_settings(cfg)
+    if summary.get("render_settings") != settings:
+        changed = sorted(
+            name for name, value in settings.items()
+            if (summary.get("render_settings") or {}).get(name) != value
+        )
+        logger.info("%s: rendering settings changed since the last render (%s); rendering again",
+                    job.slide_id, ", ".join(changed))
+        return False
+    recorded = summary.get("attention_sha256")
     try:
         current = attention_digest(read_attention_store(job.path))
     except (StoreFormatError, OSError) as err:
@@ -135,8 +154,9 @@ def render_one(cfg: HeatmapConfig, job: SlideInput, slide_path: Path | None) -> 
 def run_heatmaps(cfg: HeatmapConfig) -> StageResult:
     """Write heatmaps, GeoJSON and galleries for every attention store, with a manifest.
 
-    Slides whose complete outputs were made from attention with the same content (digest of
-    the attention, coords and attributes) are skipped unless `cfg.overwrite`. A missing
+    Slides whose complete outputs were made with the same rendering settings from attention
+    with the same content (digest of the attention, coords and attributes) are skipped unless
+    `cfg.overwrite`. A missing
     attention file or slide, or a malformed store, is a failed manifest row; with
     `skip_errors` the other slides still run.
 
@@ -157,7 +177,7 @@ def run_heatmaps(cfg: HeatmapConfig) -> StageResult:
         return render_one(cfg, job, overrides.get(job.slide_id))
 
     def is_done(job: SlideInput) -> bool:
-        return not cfg.overwrite and _output_is_current(output_dir, job)
+        return not cfg.overwrite and _output_is_current(cfg, job)
 
     return run_slides(
         jobs, process, stage=STAGE, output_dir=output_dir, is_done=is_done,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -25,8 +26,10 @@ def _manifest(path: Path) -> dict[str, dict[str, str]]:
 
 
 def _config(attention: Path, out: Path, **options: object) -> HeatmapConfig:
-    return HeatmapConfig(attention_dir=attention, output_dir=out, max_size=128, top_k=2,
-                         gallery_tile_px=32, **options)  # type: ignore[arg-type]
+    settings: dict[str, object] = {"max_size": 128, "top_k": 2, "gallery_tile_px": 32}
+    settings.update(options)
+    return HeatmapConfig(attention_dir=attention, output_dir=out,
+                         **settings)  # type: ignore[arg-type]
 
 
 def test_batch_writes_outputs_and_manifest(
@@ -179,3 +182,30 @@ def test_summary_without_digest_rendered_again(
     again = run_heatmaps(_config(case.store_path.parent, tmp_path / "out"))
 
     assert again.n_ok == 1
+
+
+def test_rerun_renders_changed_settings(
+    tmp_path: Path, make_case: Callable[..., SyntheticCase]
+) -> None:
+    case = make_case(tmp_path / "attention", "slide-a")
+    run_heatmaps(_config(case.store_path.parent, tmp_path / "out"))
+
+    again = run_heatmaps(_config(case.store_path.parent, tmp_path / "out", colormap="jet",
+                                 normalization="minmax", top_k=3))
+
+    assert (again.n_ok, again.n_skipped) == (1, 0)
+    summary = json.loads((tmp_path / "out" / "slide-a.summary.json").read_text())
+    assert summary["colormap"] == "jet"
+    assert summary["normalization"] == "minmax"
+    assert summary["render_settings"]["top_k"] == 3
+
+
+def test_rerun_same_settings_skips(
+    tmp_path: Path, make_case: Callable[..., SyntheticCase]
+) -> None:
+    case = make_case(tmp_path / "attention", "slide-a")
+    run_heatmaps(_config(case.store_path.parent, tmp_path / "out", colormap="jet"))
+
+    again = run_heatmaps(_config(case.store_path.parent, tmp_path / "out", colormap="jet"))
+
+    assert (again.n_ok, again.n_skipped) == (0, 1)
