@@ -1,6 +1,7 @@
 """Layout of a run directory and the files training and prediction write into it.
 
     <run_dir>/config.yaml                   resolved training config
+    <run_dir>/inputs.json                   digest of the label CSV and the feature stores
     <run_dir>/classes.json                  label -> class index
     <run_dir>/labels_join.json              how the label CSV matched the feature stores
     <run_dir>/splits/<split>.csv            slide_id, case_id, label, split of each fold
@@ -39,6 +40,10 @@ class RunLayout:
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def inputs(self) -> Path:
+        return self.root / "inputs.json"
 
     @property
     def classes(self) -> Path:

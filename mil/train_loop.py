@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import shutil
@@ -23,6 +25,7 @@ from mil.data import (
     build_eval_loader,
     build_train_loader,
     check_split,
+    find_feature_stores,
     join_labels,
     kfold_splits,
     load_splits,
@@ -109,6 +112,7 @@ class TrainingSession:
 
         if self.is_main:
             write_run_config(self.layout, cfg)
+            write_json(self.layout.inputs, input_digest(cfg))
             class_map.save(self.layout.classes)
             write_json(self.layout.join_report, report.to_dict())
             save_splits(splits, self.layout.splits, report.labels, report.case_ids)
@@ -133,16 +137,15 @@ class TrainingSession:
         return TrainResult(run_dir=self.layout.root, members=members, summary=summary)
 
     def _reuse_or_prepare(self) -> TrainResult | None:
-        """Reuse an identical finished run, or make sure the run directory may be written."""
+        """Reuse an identical finished run, or make sure the run directory may be written.
+
+        Raises:
+            ConfigError: the run directory holds a run whose config, label CSV or feature
+                stores differ from this one and `overwrite` is not set.
+        """
         layout = self.layout
         if not layout.config.exists():
             return None
-        stored = read_run_config(layout.root)
-        current = config_to_dict(self.cfg)
-        differing = sorted(
-            key for key in set(stored) | set(current)
-            if key not in EXECUTION_FIELDS and stored.get(key) != current.get(key)
-        )
         if self.cfg.overwrite:
             if self.is_main:
                 logger.warning("--overwrite is set: removing the previous run in %s",
@@ -150,15 +153,26 @@ class TrainingSession:
                 remove_run_outputs(layout)
             barrier()
             return None
+        stored = read_run_config(layout.root)
+        current = config_to_dict(self.cfg)
+        differing = sorted(
+            key for key in set(stored) | set(current)
+            if key not in EXECUTION_FIELDS and stored.get(key) != current.get(key)
+        )
         if differing:
             raise ConfigError(
                 f"{layout.root} already contains a run with another config (differs in: "
                 f"{', '.join(differing)}); choose another --run-dir or pass --overwrite to "
                 "replace it"
             )
+        changed = changed_inputs(layout, self.cfg)
+        if changed:
+            raise ConfigError(
+                f"{layout.root} already contains a run trained on other inputs (changed: "
+                f"{'; '.join(changed)}); choose another --run-dir or pass --overwrite to "
+                "retrain on the current inputs"
+            )
         if layout.metrics.exists():
-            import json
-
             summary = json.loads(layout.metrics.read_text())
             logger.info("%s already contains this finished run; reusing it (pass --overwrite "
                         "to retrain)", layout.root)
@@ -526,9 +540,66 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def input_digest(cfg: TrainConfig) -> dict[str, Any]:
+    """Identify the inputs of a run: the label CSV's SHA-256 and every feature store's name,
+    size in bytes and modification time (ns).
+
+    A zarr store is a folder, so its size is the sum over its files and its time is the latest
+    among them. Stores are identified by file metadata, not content, so copying them to a new
+    folder with new times counts as a change.
+    """
+    labels = Path(cfg.labels)
+    stores: dict[str, list[int]] = {}
+    for slide_id, path in find_feature_stores(cfg.features_dir).items():
+        stores[slide_id] = _store_stat(path)
+    return {
+        "labels_sha256": hashlib.sha256(labels.read_bytes()).hexdigest(),
+        "feature_stores": stores,
+    }
+
+
+def _store_stat(path: Path) -> list[int]:
+    """Return [size in bytes, modification time in ns] of a store file or zarr folder."""
+    if not path.is_dir():
+        stat = path.stat()
+        return [stat.st_size, stat.st_mtime_ns]
+    size, mtime = 0, path.stat().st_mtime_ns
+    for item in path.rglob("*"):
+        if item.is_file():
+            stat = item.stat()
+            size += stat.st_size
+            mtime = max(mtime, stat.st_mtime_ns)
+    return [size, mtime]
+
+
+def changed_inputs(layout: RunLayout, cfg: TrainConfig) -> list[str]:
+    """Describe how the current inputs differ from those stored in `inputs.json`.
+
+    Returns an empty list when they match, or when the run predates `inputs.json`.
+    """
+    if not layout.inputs.exists():
+        return []
+    stored = json.loads(layout.inputs.read_text())
+    current = input_digest(cfg)
+    changes = []
+    if stored.get("labels_sha256") != current["labels_sha256"]:
+        changes.append(f"the content of {cfg.labels}")
+    old_stores: dict[str, Any] = stored.get("feature_stores", {})
+    new_stores: dict[str, Any] = current["feature_stores"]
+    added = sorted(set(new_stores) - set(old_stores))
+    removed = sorted(set(old_stores) - set(new_stores))
+    modified = sorted(key for key in set(old_stores) & set(new_stores)
+                      if list(old_stores[key]) != list(new_stores[key]))
+    for kind, ids in (("added", added), ("removed", removed), ("modified", modified)):
+        if ids:
+            shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+            changes.append(f"feature stores {kind} in {cfg.features_dir}: {shown}")
+    return changes
+
+
 def remove_run_outputs(layout: RunLayout) -> None:
     """Delete what a previous training run wrote into the run directory (nothing else)."""
-    for path in (layout.config, layout.classes, layout.join_report, layout.metrics):
+    for path in (layout.config, layout.inputs, layout.classes, layout.join_report, layout.metrics):
         path.unlink(missing_ok=True)
     for folder in [layout.splits, *layout.root.glob("fold_*"), layout.root / "fixed"]:
         if folder.is_dir():

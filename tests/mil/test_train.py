@@ -161,6 +161,26 @@ def test_other_config_in_run_dir_rejected(tmp_path: Path) -> None:
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["lr"] == 5e-4
 
 
+def test_changed_labels_or_features_rejected(tmp_path: Path) -> None:
+    run_training(_config(tmp_path))
+    labels = tmp_path / "labels.csv"
+    original = labels.read_text()
+    labels.write_text(original.replace("slide-00,normal", "slide-00,tumor"))
+    with pytest.raises(ConfigError, match="changed: the content of .*labels.csv") as caught:
+        run_training(_config(tmp_path))
+    assert "--overwrite" in str(caught.value)
+    assert "--run-dir" in str(caught.value)
+
+    labels.write_text(original)
+    write_slides(tmp_path / "features", n_slides=12, seed=1)
+    with pytest.raises(ConfigError, match="feature stores modified in .*slide-00"):
+        run_training(_config(tmp_path))
+
+    replaced = run_training(_config(tmp_path, overwrite=True))
+    assert not replaced.reused
+    assert run_training(_config(tmp_path)).reused
+
+
 def test_balanced_sampler_and_acmil_aux_losses(tmp_path: Path) -> None:
     result = run_training(_config(tmp_path, model="acmil", balance="sampler", epochs=2))
     log = _read_csv(tmp_path / "run" / "fold_0" / "seed_0" / "log.csv")
