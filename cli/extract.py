@@ -179,7 +179,8 @@ def command(
         bool,
         typer.Option(
             help="Recompute feature stores that are already complete, also those made with "
-            "other settings; only the processed slides' stores are replaced.",
+            "other settings or in the other --format (that store is removed); only the "
+            "processed slides' stores are replaced.",
             rich_help_panel=_BATCH,
         ),
     ] = False,

@@ -109,7 +109,8 @@ class ExtractConfig(BaseModel):
         shard: ``i/n`` to process every n-th slide starting at i; None reads
             ``SLURM_ARRAY_TASK_ID``.
         overwrite: Recompute feature stores that are already complete, also those made with
-            other settings. Only the stores of the processed slides are replaced.
+            other settings, and remove their stores in the other format. Only the stores of
+            the processed slides are replaced.
         skip_errors: Record a failed slide in the manifest and continue with the next one.
         progress: Show a progress bar with slides and tiles per second.
     """
@@ -703,6 +704,7 @@ class _SlideExtractor:
         self.num_workers = resolve_num_workers(cfg.num_workers, self.device)
         self.slide_paths = slide_path_overrides(cfg.slides)
         self._embedder: TileEmbedder | None = None
+        self._config_saved = False
 
     @property
     def embedder(self) -> TileEmbedder:
@@ -729,6 +731,11 @@ class _SlideExtractor:
 
     def store_path(self, slide: SlideInput) -> Path:
         return feature_store_path(self.out_dir, slide.slide_id, self.cfg.format)
+
+    def other_format_path(self, slide: SlideInput) -> Path:
+        """Path of the slide's store in the format this run does not write."""
+        other: Literal["h5", "zarr"] = "zarr" if self.cfg.format == "h5" else "h5"
+        return feature_store_path(self.out_dir, slide.slide_id, other)
 
     def requested_settings(self) -> dict[str, Any]:
         """Store attributes that must match for a finished store to count as done."""
@@ -772,6 +779,7 @@ class _SlideExtractor:
         start = time.perf_counter()
         path = self.store_path(slide)
         self._reject_other_settings(path)
+        old_format = self._reject_other_format(slide, path)
         _remove_stale_temporaries(path)
         if not slide.path.exists():
             raise IncompleteStoreError(
@@ -808,6 +816,15 @@ class _SlideExtractor:
 
         attrs = feature_store_attrs(coords_store.attrs, embedder.backbone, self.cfg, n_failed)
         write_feature_store(path, result.features, result.coords, attrs, self.cfg)
+        if old_format is not None:
+            logger.info("%s: removing %s, replaced by %s (--overwrite).", slide.slide_id,
+                        old_format, path)
+            _remove_store(old_format)
+        if not self._config_saved:
+            # Written after the first store so that a run that rejected its settings for
+            # every slide leaves the previous extract_config.yaml in place.
+            save_resolved_config(self.cfg, self.out_dir, self.weights_id)
+            self._config_saved = True
         n_ok = int(result.coords.shape[0])
         self._log_timing(slide, n_ok, result.seconds, backbone_seconds, start, path)
         message = ""
@@ -883,6 +900,31 @@ class _SlideExtractor:
             "or choose another --output-dir; slidemil never overwrites features silently."
         )
 
+    def _reject_other_format(self, slide: SlideInput, path: Path) -> Path | None:
+        """Check for a complete store of the slide in the other format.
+
+        Training reads one store per slide, so the two formats never coexist in one folder.
+
+        Returns:
+            The other-format store to remove once the new store is written (with
+            ``overwrite``), or None when there is no such store.
+
+        Raises:
+            ConfigError: A complete store in the other format exists and ``overwrite`` is off.
+        """
+        other = self.other_format_path(slide)
+        if not is_complete_store(other):
+            return None
+        if self.cfg.overwrite:
+            return other
+        raise ConfigError(
+            f"{slide.slide_id}: a complete {other.suffix.lstrip('.')} feature store {other} "
+            f"exists, and this run would write a {self.cfg.format} store {path} beside it; "
+            "training rejects two feature stores for one slide. Rerun with --overwrite to "
+            f"replace {other.name} by {path.name} (the old store is removed), or choose "
+            "another --output-dir."
+        )
+
     def _check_finite(self, slide: SlideInput, result: SlideFeatures) -> None:
         """Reject features with NaN or infinite values before they reach a store.
 
@@ -942,6 +984,14 @@ def write_feature_store(
             writer.write(start, features[start : start + WRITE_BLOCK_ROWS])
 
 
+def _remove_store(path: Path) -> None:
+    """Delete a feature store: a file (HDF5) or a folder (Zarr)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _remove_stale_temporaries(path: Path) -> None:
     """Delete temporary stores of this slide left by killed jobs (the caller holds its lock)."""
     for leftover in path.parent.glob(f"{path.name}.tmp-*"):
@@ -953,7 +1003,11 @@ def _remove_stale_temporaries(path: Path) -> None:
 
 
 def save_resolved_config(cfg: ExtractConfig, out_dir: Path, weights_id: str) -> Path:
-    """Write the resolved config beside the stores as ``extract_config.yaml`` (atomic)."""
+    """Write the resolved config beside the stores as ``extract_config.yaml`` (atomic).
+
+    The stage calls this after the first store of a run is written, so the file describes
+    stores that exist. A run that extracts no slide leaves the previous file unchanged.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "extract_config.yaml"
     content = cfg.model_dump(mode="json")
@@ -980,7 +1034,6 @@ def run_extraction(cfg: ExtractConfig) -> StageResult:
     weights_id = expected_weights_id(cfg.backbone, cfg.weights)
     inputs = list_extract_inputs(cfg)
     extractor = _SlideExtractor(cfg, out_dir, weights_id)
-    save_resolved_config(cfg, out_dir, weights_id)
     logger.info(
         "Extract: %d slides from %s into %s (backbone %s, weights %s).",
         len(inputs),

@@ -748,3 +748,56 @@ def test_log_seconds_match_manifest(
     logged_total = float(line.split(" tiles, ")[1].split(" s for the slide")[0])
     assert "building the backbone" in line
     assert abs(logged_total - float(row.seconds)) <= 0.15
+
+
+def test_zarr_beside_h5_store_fails(slide_path: Path, tmp_path: Path) -> None:
+    _write_coords(tmp_path / "tiles", slide_path, "cmu", n_tiles=2)
+    run_extraction(_config(tmp_path / "tiles", tmp_path / "features"))
+    out_dir = tmp_path / "features" / SMALL_MODEL
+
+    result = run_extraction(_config(tmp_path / "tiles", tmp_path / "features", format="zarr"))
+
+    assert result.n_failed == 1
+    message = read_rows(out_dir, "extract")["cmu"].message
+    assert str(out_dir / "cmu.h5") in message
+    assert str(out_dir / "cmu.zarr") in message
+    assert "--overwrite" in message
+    assert not (out_dir / "cmu.zarr").exists()
+    assert is_complete_store(out_dir / "cmu.h5")
+
+
+def test_overwrite_replaces_other_format(slide_path: Path, tmp_path: Path) -> None:
+    _write_coords(tmp_path / "tiles", slide_path, "cmu", n_tiles=2)
+    run_extraction(_config(tmp_path / "tiles", tmp_path / "features"))
+    out_dir = tmp_path / "features" / SMALL_MODEL
+
+    result = run_extraction(
+        _config(tmp_path / "tiles", tmp_path / "features", format="zarr", overwrite=True)
+    )
+
+    assert result.n_ok == 1
+    assert is_complete_store(out_dir / "cmu.zarr")
+    assert not (out_dir / "cmu.h5").exists()
+
+
+def test_rejected_run_keeps_config(slide_path: Path, tmp_path: Path) -> None:
+    _write_coords(tmp_path / "tiles", slide_path, "cmu", n_tiles=2)
+    run_extraction(_config(tmp_path / "tiles", tmp_path / "features"))
+    config_path = tmp_path / "features" / SMALL_MODEL / "extract_config.yaml"
+    before = config_path.read_text()
+
+    result = run_extraction(_config(tmp_path / "tiles", tmp_path / "features", dtype="float32"))
+
+    assert result.n_failed == 1
+    assert config_path.read_text() == before
+    assert "dtype: float16" in before
+
+
+def test_no_config_when_nothing_extracted(tmp_path: Path) -> None:
+    (tmp_path / "tiles").mkdir()
+    (tmp_path / "tiles" / "cmu.h5").write_bytes(b"not a store")
+
+    result = run_extraction(_config(tmp_path / "tiles", tmp_path / "features"))
+
+    assert result.n_failed == 1
+    assert not (tmp_path / "features" / SMALL_MODEL / "extract_config.yaml").exists()
