@@ -9,7 +9,11 @@ Outputs in `output_dir` (the run directory by default):
 
     predictions.csv            slide_id, [label], predicted_class, probability, prob_<class>...,
                                n_tiles, n_models; rows of slides predicted earlier into the same
-                               folder are kept, and only the slides predicted now are replaced
+                               folder by the same run and model selection are kept, and only
+                               the slides predicted now are replaced
+    predictions.json           the run and models behind predictions.csv (resolved run_dir,
+                               model, members as <split>/seed_<s>, checkpoint choice); a
+                               prediction with another run or selection is rejected
     prediction_metrics.json    metrics with bootstrap 95% CIs (only when a label CSV is given)
     attention/<slide_id>.h5    attention (N,) or (N, H) in the feature store's row order,
                                coords (N, 2) level-0 (x, y), and the slide's attributes; for
@@ -22,7 +26,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -210,6 +214,8 @@ def run_prediction(cfg: PredictConfig) -> PredictResult:
 
     output_dir = Path(cfg.output_dir or cfg.run_dir)
     paths = select_checkpoints(cfg)
+    provenance = prediction_provenance(cfg, paths)
+    check_previous_provenance(output_dir, provenance)
     read_previous_predictions(output_dir / "predictions.csv", _run_classes(cfg))
     stores = find_feature_stores(cfg.features_dir)
     slide_ids = sorted(stores) if cfg.slides is None else list(cfg.slides)
@@ -260,7 +266,9 @@ def run_prediction(cfg: PredictConfig) -> PredictResult:
         row["n_tiles"] = count
         row["n_models"] = len(models)
     predictions_path = output_dir / "predictions.csv"
-    merge_predictions(predictions_path, rows_out, classes)
+    known_labels = read_label_names(cfg.labels) if cfg.labels is not None else None
+    merge_predictions(predictions_path, rows_out, classes, known_labels)
+    write_json(output_dir / PROVENANCE_NAME, provenance)
 
     metrics: dict[str, Any] = {}
     if labels_array is not None and len(labels_array):
@@ -275,6 +283,76 @@ def run_prediction(cfg: PredictConfig) -> PredictResult:
                            metrics=metrics)
     logger.info("%s", result)
     return result
+
+
+#: Sidecar of predictions.csv naming the run and models that wrote it.
+PROVENANCE_NAME = "predictions.json"
+
+
+def prediction_provenance(cfg: PredictConfig, paths: Sequence[Path]) -> dict[str, Any]:
+    """Describe the run and models behind a prediction, for predictions.json."""
+    from mil.train import read_run_config
+
+    return {
+        "run_dir": str(Path(cfg.run_dir).resolve()),
+        "model": read_run_config(cfg.run_dir).get("model"),
+        "members": [f"{path.parent.parent.name}/{path.parent.name}" for path in paths],
+        "checkpoint": cfg.checkpoint,
+    }
+
+
+def check_previous_provenance(output_dir: Path, provenance: dict[str, Any]) -> None:
+    """Reject predicting into a folder whose predictions.csv came from another run or models.
+
+    A predictions.csv without predictions.json (written before the sidecar existed) is merged
+    with a warning, because its origin cannot be checked.
+
+    Raises:
+        ConfigError: predictions.json names another run directory, model, member set or
+            checkpoint choice, or cannot be read.
+    """
+    sidecar = output_dir / PROVENANCE_NAME
+    if not (output_dir / "predictions.csv").exists():
+        return
+    if not sidecar.exists():
+        logger.warning("%s has no %s, so the run behind its rows is unknown; merging into it "
+                       "anyway", output_dir / "predictions.csv", PROVENANCE_NAME)
+        return
+    try:
+        previous = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{sidecar}: cannot read the provenance of the earlier predictions "
+                          f"({err}); move it and predictions.csv away or choose another "
+                          "--output-dir (-o)") from err
+    if previous == provenance:
+        return
+    differing = sorted(key for key in set(previous) | set(provenance)
+                       if previous.get(key) != provenance.get(key))
+    raise ConfigError(
+        f"{output_dir / 'predictions.csv'} holds predictions of run {_describe(previous)} but "
+        f"this prediction uses run {_describe(provenance)} (differs in: {', '.join(differing)})"
+        "; choose another --output-dir (-o) so the two are not mixed in one file"
+    )
+
+
+def _describe(provenance: dict[str, Any]) -> str:
+    members = provenance.get("members") or []
+    return (f"{provenance.get('run_dir')} (model {provenance.get('model')}, "
+            f"{provenance.get('checkpoint')} checkpoint of {', '.join(members) or 'no models'})")
+
+
+def read_label_names(path: Path) -> dict[str, str]:
+    """Slide id → label of every labelled row of a label CSV, also keyed without an extension."""
+    from mil.data import read_labels
+    from mil.data.labels import strip_slide_extension
+
+    names: dict[str, str] = {}
+    for row in read_labels(path).rows:
+        if row.label is None:
+            continue
+        names[row.slide_id] = row.label
+        names.setdefault(strip_slide_extension(row.slide_id), row.label)
+    return names
 
 
 def _run_classes(cfg: PredictConfig) -> list[str]:
@@ -313,13 +391,14 @@ def read_previous_predictions(path: Path, classes: Sequence[str]
     return header, rows
 
 
-def merge_predictions(path: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str]
-                      ) -> None:
+def merge_predictions(path: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str],
+                      known_labels: Mapping[str, str] | None = None) -> None:
     """Write `rows` into predictions.csv atomically, keeping earlier rows of other slides.
 
     Rows of slides in `rows` replace their earlier rows; every other earlier row is kept, so
     predicting one slide or a second cohort into the same folder adds to the file. The result
-    is sorted by slide id; columns missing from one side (`label`) are left blank.
+    is sorted by slide id. With `known_labels` (slide id → label from a label CSV) the `label`
+    of every row the CSV names is filled in; other missing cells are left blank.
     """
     header, previous = read_previous_predictions(path, classes)
     new_ids = {str(row["slide_id"]) for row in rows}
@@ -334,9 +413,20 @@ def merge_predictions(path: Path, rows: Sequence[dict[str, Any]], classes: Seque
     columns = list(rows[0]) if rows else list(header)
     if "label" not in columns and any(name == "label" for name in header):
         columns.insert(1, "label")
+    if known_labels is not None and "label" not in columns:
+        columns.insert(1, "label")
     columns += [name for name in header if name not in columns]
     merged = sorted([*kept, *rows], key=lambda row: str(row["slide_id"]))
+    if known_labels is not None:
+        merged = [_with_label(row, known_labels) for row in merged]
     write_csv(path, [{name: row.get(name, "") for name in columns} for row in merged], columns)
+
+
+def _with_label(row: Mapping[str, Any], known_labels: Mapping[str, str]) -> dict[str, Any]:
+    label = known_labels.get(str(row["slide_id"]))
+    if label is None:
+        return dict(row)
+    return {**row, "label": label}
 
 
 def _per_bag(batch: PackedBatch, attention: torch.Tensor

@@ -11,7 +11,8 @@
     <run_dir>/<split>/seed_<s>/metrics.json         validation and test metrics with 95% CIs
     <run_dir>/<split>/seed_<s>/predictions_<val|test>.csv
     <run_dir>/metrics.json                  mean ± std over folds and seeds
-    <run_dir>/predictions.csv, attention/   written by `slidemil predict`
+    <run_dir>/predictions.csv, predictions.json, prediction_metrics.json, attention/
+                                            written by `slidemil predict`
 
 `<split>` is `fold_<i>` for k-fold cross-validation and `fixed` for a single split.
 """

@@ -604,7 +604,7 @@ def remove_run_outputs(layout: RunLayout) -> None:
     for folder in [layout.splits, *layout.root.glob("fold_*"), layout.root / "fixed"]:
         if folder.is_dir():
             shutil.rmtree(folder)
-    for name in ("predictions.csv",):
+    for name in ("predictions.csv", "predictions.json", "prediction_metrics.json"):
         (layout.root / name).unlink(missing_ok=True)
     if (layout.root / "attention").is_dir():
         shutil.rmtree(layout.root / "attention")

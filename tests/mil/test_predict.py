@@ -173,15 +173,35 @@ def test_cli_predict_rejects_bad_selection(trained_run: Path) -> None:
 
 
 def test_one_slide_merges_into_predictions(trained_run: Path) -> None:
-    everything = _predict(trained_run, "merge")
-    again = _predict(trained_run, "merge", slides=["slide-03"], folds=["fold_0"])
+    everything = _predict(trained_run, "merge", folds=["fold_0"])
+    again = _predict(trained_run, "merge", slides=["slide-03"], folds=["fold_0"],
+                     labels=trained_run / "labels.csv", n_bootstrap=5)
 
     assert sorted(again) == sorted(everything)
     assert again["slide-03"]["n_models"] == "1"
     for slide_id, row in everything.items():
         if slide_id != "slide-03":
-            assert again[slide_id] == row
+            assert again[slide_id] == {**row, "label": again[slide_id]["label"]}
     assert list(again) == sorted(again)
+    # The label CSV fills the label of the rows kept from the first prediction too.
+    assert again["slide-00"]["label"] == "normal"
+    assert again["slide-01"]["label"] == "tumor"
+    sidecar = json.loads((trained_run / "merge" / "predictions.json").read_text())
+    assert sidecar["members"] == ["fold_0/seed_0"]
+    assert sidecar["run_dir"] == str((trained_run / "run").resolve())
+
+
+def test_other_models_into_same_output_rejected(trained_run: Path) -> None:
+    _predict(trained_run, "mixed", slides=["slide-00"], folds=["fold_0"])
+    with pytest.raises(ConfigError, match="differs in: members") as caught:
+        _predict(trained_run, "mixed", slides=["slide-01"], folds=["fold_1"])
+    message = str(caught.value)
+    assert "fold_0/seed_0" in message
+    assert "fold_1/seed_0" in message
+    assert "--output-dir (-o)" in message
+    with pytest.raises(ConfigError, match="differs in: checkpoint"):
+        _predict(trained_run, "mixed", slides=["slide-01"], folds=["fold_0"], checkpoint="last")
+    assert list(_predictions(trained_run / "mixed" / "predictions.csv")) == ["slide-00"]
 
 
 def test_second_cohort_keeps_first(trained_run: Path, tmp_path: Path) -> None:
