@@ -274,6 +274,7 @@ def coords_attrs(
     return {
         "slide_id": slide.slide_id,
         "slide_path": str(Path(slide.path).resolve()),
+        **slide_file_fingerprint(Path(slide.path)),
         "slide_mpp": float(slide.require_mpp()),
         "mpp_source": slide.mpp_source or "",
         "reader": slide.reader,
@@ -305,6 +306,41 @@ def coords_attrs(
         "level0_magnification": magnification_from_mpp(slide.require_mpp()),
         "overlap": int(cfg.overlap_px),
     }
+
+
+def slide_file_fingerprint(path: Path) -> dict[str, int]:
+    """Size in bytes and modification time in ns of a slide file, as stored in coords stores.
+
+    A slide file replaced at the same path has another size or modification time, so its old
+    coords store is not reused. Copies that keep both values are not told apart.
+    """
+    info = path.stat()
+    return {"slide_file_size": int(info.st_size), "slide_file_mtime_ns": int(info.st_mtime_ns)}
+
+
+def _slide_file_differences(
+    attrs: Mapping[str, Any], path: Path, dimensions: tuple[int, int]
+) -> list[str]:
+    """Describe how the slide file differs from the one the store was made from.
+
+    Stores written before the fingerprint attributes existed are compared by level-0
+    dimensions only.
+    """
+    current: dict[str, int] = {"level0_width": int(dimensions[0]),
+                               "level0_height": int(dimensions[1])}
+    if "slide_file_size" in attrs and "slide_file_mtime_ns" in attrs:
+        current.update(slide_file_fingerprint(path))
+    changed = [
+        f"{name} {attrs.get(name)!r} in the store, {value!r} now"
+        for name, value in current.items()
+        if attrs.get(name) != value
+    ]
+    if not changed:
+        return []
+    return [
+        f"the slide file {path} changed since it was tiled ({', '.join(changed)}); it was "
+        "probably replaced by another slide"
+    ]
 
 
 def _tissue_settings_of(cfg: TilingConfig) -> dict[str, Any]:
@@ -428,14 +464,16 @@ def _status(n_tiles: int, n_bad: int, max_bad_fraction: float) -> tuple[str, str
 def _reusable_store(
     path: Path, slide_input: SlideInput, cfg: TilingConfig, mpp_override: float | None
 ) -> bool:
-    """True when a complete store with the config's settings and the slide's mpp exists.
+    """True when a complete store with the config's settings, made from the same slide file
+    (size, modification time and level-0 dimensions) with the same mpp, exists.
 
     The slide is opened to resolve its mpp as `tile_slide` would now, so a corrected --mpp or
     --mpp-csv value is noticed. A slide that cannot be opened is not reusable; `tile_slide`
     then records why.
 
     Raises:
-        ConfigError: a complete store exists but was written with other settings.
+        ConfigError: a complete store exists but was written with other settings or from
+            another slide file.
     """
     if not is_complete_store(path):
         if path.exists():
@@ -447,11 +485,13 @@ def _reusable_store(
             slide_input.path, mpp=mpp_override, default_mpp=cfg.mpp, slide_id=slide_input.slide_id
         ) as slide:
             current_mpp, current_source = slide.mpp, slide.mpp_source
+            dimensions = slide.dimensions
     except SlidemilError as err:
         logger.debug("%s: cannot check the existing store against the slide: %s", path, err)
         return False
 
-    differences = _setting_differences(attrs, cfg)
+    differences = _slide_file_differences(attrs, Path(slide_input.path), dimensions)
+    differences += _setting_differences(attrs, cfg)
     stored_mpp = attrs.get("slide_mpp")
     same_mpp = (
         current_mpp is not None

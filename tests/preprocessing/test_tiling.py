@@ -508,3 +508,37 @@ def test_qc_png_stretched_and_captioned(tmp_path: Path, monkeypatch: pytest.Monk
     assert np.percentile(png[:600].max(axis=2), 99) > 200
     assert (png[-2:] == 255).all()  # the caption strip's bottom margin
     assert (png[-30:].max(axis=2) < 100).any()  # caption text
+
+
+@pytest.mark.parametrize("width", [2000, 2400])
+def test_replaced_slide_file_needs_overwrite(tmp_path: Path, width: int) -> None:
+    slide = tmp_path / "slides" / "case.tif"
+    slide.parent.mkdir()
+    write_synthetic_slide(slide, 2000, 1500, tissue_blobs(2000, 1500), downsamples=(1.0, 4.0))
+    output_dir = tmp_path / "tiles"
+    run_tiling(_config(slide, output_dir, target_mpp=1.0))
+    stored = read_coords_store(output_dir / "case.h5").attrs
+    assert stored["slide_file_size"] == slide.stat().st_size
+    assert stored["slide_file_mtime_ns"] == slide.stat().st_mtime_ns
+
+    # Another slide at the same path: same or other dimensions, other content.
+    write_synthetic_slide(
+        slide, width, 1500, tissue_blobs(width, 1500, seed=5), downsamples=(1.0, 4.0)
+    )
+
+    with pytest.raises(ConfigError, match="slide file .*case.tif changed.*--overwrite"):
+        run_tiling(_config(slide, output_dir, target_mpp=1.0))
+    result = run_tiling(_config(slide, output_dir, target_mpp=1.0, overwrite=True))
+    assert result.n_ok == 1
+    assert read_coords_store(output_dir / "case.h5").attrs["level0_width"] == width
+
+
+def test_unchanged_slide_file_skipped(tmp_path: Path) -> None:
+    slide = tmp_path / "slides" / "case.tif"
+    slide.parent.mkdir()
+    write_synthetic_slide(slide, 2000, 1500, tissue_blobs(2000, 1500), downsamples=(1.0, 4.0))
+    run_tiling(_config(slide, tmp_path / "tiles", target_mpp=1.0))
+
+    again = run_tiling(_config(slide, tmp_path / "tiles", target_mpp=1.0))
+
+    assert again.n_skipped == 1
