@@ -14,7 +14,9 @@ Outputs in `output_dir` (the run directory by default):
     predictions.json           the run and models behind predictions.csv (resolved run_dir,
                                model, members as <split>/seed_<s>, checkpoint choice); a
                                prediction with another run or selection is rejected
-    prediction_metrics.json    metrics with bootstrap 95% CIs (only when a label CSV is given)
+    prediction_metrics.json    metrics with bootstrap 95% CIs (only when a label CSV is given);
+                               `in_training` and `in_validation` list the predicted slides that
+                               a selected model trained on or was selected with
     attention/<slide_id>.h5    attention (N,) or (N, H) in the feature store's row order,
                                coords (N, 2) level-0 (x, y), and the slide's attributes; for
                                (N, H) also `head_names` (JSON list of H column names) and
@@ -274,7 +276,10 @@ def run_prediction(cfg: PredictConfig) -> PredictResult:
     if labels_array is not None and len(labels_array):
         report = evaluate_predictions(labels_array, probs_array, threshold=threshold,
                                       n_bootstrap=cfg.n_bootstrap, context="predictions")
-        metrics = {**report.to_dict(), "checkpoints": [str(p) for p in paths]}
+        seen = slides_seen_in_training(cfg.run_dir, paths, bag_ids)
+        warn_seen_in_training(seen, len(bag_ids), output_dir / "prediction_metrics.json")
+        metrics = {**report.to_dict(), "checkpoints": [str(p) for p in paths],
+                   "in_training": seen["train"], "in_validation": seen["val"]}
         write_json(output_dir / "prediction_metrics.json", metrics)
 
     skipped = len(slide_ids) - len(bag_ids)
@@ -283,6 +288,51 @@ def run_prediction(cfg: PredictConfig) -> PredictResult:
                            metrics=metrics)
     logger.info("%s", result)
     return result
+
+
+def slides_seen_in_training(run_dir: Path, paths: Sequence[Path], slide_ids: Sequence[str]
+                            ) -> dict[str, list[str]]:
+    """Predicted slides in the train or val part of any selected model's split.
+
+    Each checkpoint `<run_dir>/<split>/seed_<s>/…` was trained on `<run_dir>/splits/<split>.csv`.
+    Metrics over train slides are optimistic, and so are those over val slides, which chose
+    the best epoch and the threshold.
+
+    Returns:
+        {"train": sorted slide ids, "val": sorted slide ids not already under "train"}.
+    """
+    from mil.data.splits import read_split
+
+    predicted = set(slide_ids)
+    train: set[str] = set()
+    val: set[str] = set()
+    splits_dir = RunLayout(Path(run_dir)).splits
+    for split_name in sorted({path.parent.parent.name for path in paths}):
+        split_path = splits_dir / f"{split_name}.csv"
+        if not split_path.exists():
+            logger.warning("%s not found, so the slides that %s trained on are unknown",
+                           split_path, split_name)
+            continue
+        split = read_split(split_path)
+        train |= predicted & set(split.train)
+        val |= predicted & set(split.val)
+    return {"train": sorted(train), "val": sorted(val - train)}
+
+
+def warn_seen_in_training(seen: dict[str, list[str]], n_predicted: int, metrics_path: Path
+                          ) -> None:
+    """Warn that metrics include slides a selected model trained on or was selected with."""
+    if seen["train"]:
+        logger.warning(
+            "%d of %d predicted slide(s) were in the training part of a selected model's split "
+            "(first: %s), so the metrics are optimistic; predict held-out slides only, or select "
+            "models that did not train on them with --fold (listed under in_training in %s)",
+            len(seen["train"]), n_predicted, ", ".join(seen["train"][:5]), metrics_path)
+    if seen["val"]:
+        logger.warning(
+            "%d of %d predicted slide(s) were in the validation part of a selected model's split "
+            "and chose its best epoch and threshold, so the metrics are optimistic (listed under "
+            "in_validation in %s)", len(seen["val"]), n_predicted, metrics_path)
 
 
 #: Sidecar of predictions.csv naming the run and models that wrote it.

@@ -140,6 +140,29 @@ def test_missing_slide_rejected(trained_run: Path) -> None:
         _predict(trained_run, "x", slides=["slide-99"])
 
 
+def test_metrics_flag_slides_used_in_training(trained_run: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    from mil.data.splits import read_split
+
+    split = read_split(trained_run / "run" / "splits" / "fold_0.csv")
+    with caplog.at_level("WARNING", logger="mil.predict"):
+        _predict(trained_run, "seen", folds=["fold_0"], labels=trained_run / "labels.csv",
+                 n_bootstrap=5)
+    metrics = json.loads((trained_run / "seen" / "prediction_metrics.json").read_text())
+
+    assert metrics["in_training"] == sorted(split.train)
+    assert metrics["in_validation"] == sorted(split.val)
+    assert f"{len(split.train)} of 10 predicted slide(s) were in the training part" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mil.predict"):
+        _predict(trained_run, "held_out", folds=["fold_0"], slides=sorted(split.val),
+                 labels=trained_run / "labels.csv", n_bootstrap=5)
+    held_out = json.loads((trained_run / "held_out" / "prediction_metrics.json").read_text())
+    assert held_out["in_training"] == []
+    assert "training part" not in caplog.text
+
+
 def test_cli_predict_one_fold(trained_run: Path) -> None:
     from typer.testing import CliRunner
 
