@@ -77,12 +77,32 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> Distri
 
 
 def resolve_device(device: str) -> torch.device:
-    """Return the torch device for "auto", "cpu", "cuda" or "cuda:N"."""
+    """Return the torch device for "auto", "cpu", "cuda" or "cuda:N".
+
+    Raises:
+        ConfigError: `device` is none of these, or names CUDA (or a CUDA index) that this
+            machine lacks.
+    """
+    from preprocessing.errors import ConfigError
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(
+            f"Invalid device {device!r}; use auto, cpu, cuda or cuda:<index>."
+        ) from err
+    if resolved.type not in ("cpu", "cuda") or (resolved.type == "cpu" and resolved.index):
+        raise ConfigError(f"Invalid device {device!r}; use auto, cpu, cuda or cuda:<index>.")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"Device {device!r} requested but CUDA is not available on this "
+                              "machine; use --device cpu")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(f"Device {device!r} requested but this machine has {count} CUDA "
+                              f"device(s), cuda:0 to cuda:{count - 1}; pick one of them")
     return resolved
 
 

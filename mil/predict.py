@@ -214,6 +214,7 @@ def run_prediction(cfg: PredictConfig) -> PredictResult:
     from mil.data import BagDataset, build_eval_loader, find_feature_stores
     from mil.distributed import resolve_device
 
+    device = resolve_device(cfg.device)
     output_dir = Path(cfg.output_dir or cfg.run_dir)
     paths = select_checkpoints(cfg)
     provenance = prediction_provenance(cfg, paths)
@@ -228,7 +229,6 @@ def run_prediction(cfg: PredictConfig) -> PredictResult:
     if not slide_ids:
         raise ConfigError(f"{cfg.features_dir} contains no feature stores; run `slidemil extract`")
 
-    device = resolve_device(cfg.device)
     dataset = BagDataset(cfg.features_dir, slide_ids=slide_ids)
     checkpoints, models, classes = load_members(cfg, paths, dataset.dim, device)
     threshold = float(np.mean([checkpoint.threshold for checkpoint in checkpoints]))

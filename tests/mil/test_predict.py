@@ -181,6 +181,31 @@ def test_cli_predict_one_fold(trained_run: Path) -> None:
     assert (out / "attention" / "slide-03.h5").is_file()
 
 
+@pytest.mark.parametrize("device", ["gpu7", "cuda:x"])
+def test_cli_predict_invalid_device_one_line(trained_run: Path, device: str) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    out = trained_run / f"device_{device.replace(':', '_')}"
+    result = CliRunner().invoke(app, [
+        "predict", "--run-dir", str(trained_run / "run"), "--features-dir",
+        str(trained_run / "features"), "-o", str(out), "--device", device, "--no-progress",
+    ])
+    assert result.exit_code == 1
+    output = " ".join(result.output.split())
+    assert f"Invalid device '{device}'; use auto, cpu, cuda or cuda:<index>." in output
+    assert "Traceback" not in output
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_predict_cuda_without_cuda_rejected(trained_run: Path) -> None:
+    with pytest.raises(ConfigError, match="CUDA is not available on this machine; use "
+                                          "--device cpu"):
+        _predict(trained_run, "no_cuda", device="cuda")
+
+
 def test_cli_predict_rejects_bad_selection(trained_run: Path) -> None:
     from typer.testing import CliRunner
 

@@ -316,6 +316,34 @@ def test_cli_train_with_config_and_overrides(tmp_path: Path) -> None:
     assert saved["packing"] == {**saved["packing"], "pack_len": 64, "main_fraction": 1.0}
 
 
+@pytest.mark.parametrize("device", ["gpu7", "cuda:x", "cpu:1", "meta"])
+def test_cli_train_invalid_device_one_line(tmp_path: Path, device: str) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    _config(tmp_path)
+    result = CliRunner().invoke(app, [
+        "train", "--features-dir", str(tmp_path / "features"), "--run-dir",
+        str(tmp_path / "run"), "--labels", str(tmp_path / "labels.csv"), "--no-progress",
+        "--device", device,
+    ])
+    assert result.exit_code == 1
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    output = " ".join(result.output.split())
+    assert f"Invalid device '{device}'; use auto, cpu, cuda or cuda:<index>." in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_train_cuda_without_cuda_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="CUDA is not available on this machine; use "
+                                          "--device cpu"):
+        run_training(_config(tmp_path, device="cuda"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_train_reports_bad_labels(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
