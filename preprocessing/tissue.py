@@ -7,9 +7,12 @@ leaves the cytoplasm and stroma between them almost as dark as the glass, so the
 channel is first blurred with a Gaussian of `FLUORESCENCE_BLUR_UM`, which turns scattered nuclei
 into one continuous signal, and Otsu's threshold is taken on the logarithm of that signal, where
 glass, faint tissue and bright nuclei are spaced evenly enough for Otsu to split glass from
-tissue rather than nuclei from everything else. ``method="auto"`` picks fluorescence when the
-median brightness of the thumbnail is below `DARK_BACKGROUND_LEVEL`. The raw mask is then smoothed
-(closing, then opening, with a disk of `smoothing_um`), fragments smaller than
+tissue rather than nuclei from everything else. Greyscale brightfield (a single-channel scan,
+stored as RGB with equal channels): saturation is 0 everywhere, so a pixel is tissue when its
+grey level is darker than an Otsu threshold (``darkness``). ``method="auto"`` picks fluorescence
+when the median brightness of the thumbnail is below `DARK_BACKGROUND_LEVEL`, else darkness when
+the thumbnail has no colour (see `GREY_MAX_CHANNEL_SPREAD`), else saturation. The raw mask is
+then smoothed (closing, then opening, with a disk of `smoothing_um`), fragments smaller than
 `min_tissue_area_um2` are dropped and holes smaller than `min_hole_area_um2` are filled.
 """
 
@@ -25,10 +28,15 @@ from scipy import ndimage
 
 logger = logging.getLogger(__name__)
 
-TissueMethod = Literal["auto", "saturation", "brightness", "none"]
+TissueMethod = Literal["auto", "saturation", "brightness", "darkness", "none"]
 
 #: Median brightest-channel value (0..255) below which `auto` treats a slide as fluorescence.
 DARK_BACKGROUND_LEVEL = 64.0
+
+#: Largest difference between the brightest and darkest channel (0..255) of 99 % of the
+#: thumbnail pixels for `auto` to treat a thumbnail as greyscale. Above 0 so that rounding in
+#: lossy compression of a grey image still counts as grey.
+GREY_MAX_CHANNEL_SPREAD = 3
 
 #: Pen-mark hue ranges in degrees (green to cyan, and blue) that H&E stains never reach.
 #: Red and black pen are not removed: red overlaps eosin, and black is unsaturated already.
@@ -49,13 +57,14 @@ class TissueSettings:
     """Parameters of `detect_tissue`; areas and lengths are physical so they hold at any mpp.
 
     Attributes:
-        method: ``auto``, ``saturation`` (brightfield), ``brightness`` (fluorescence) or
-            ``none`` (the whole scanned area is tissue).
-        threshold: fixed threshold on the 0..255 saturation, or on the blurred brightness of
-            `fluorescence_signal`; Otsu when None.
+        method: ``auto``, ``saturation`` (brightfield), ``brightness`` (fluorescence),
+            ``darkness`` (greyscale brightfield) or ``none`` (the whole scanned area is tissue).
+        threshold: fixed threshold on the 0..255 saturation, on the blurred brightness of
+            `fluorescence_signal`, or on the darkness (255 minus the grey level); Otsu when None.
         min_threshold: lower bound on the saturation Otsu threshold (0..255), so blank glass,
-            whose Otsu threshold falls inside the noise, yields no tissue. Fluorescence uses
-            `MIN_FLUORESCENCE_CONTRAST` instead.
+            whose Otsu threshold falls inside the noise, yields no tissue. For ``darkness`` it is
+            the smallest difference in grey level between the medians of tissue and glass.
+            Fluorescence uses `MIN_FLUORESCENCE_CONTRAST` instead.
         smoothing_um: radius in µm of the disk used to close gaps and remove specks.
         min_tissue_area_um2: tissue fragments smaller than this are dropped.
         min_hole_area_um2: holes inside tissue smaller than this are filled.
@@ -77,7 +86,8 @@ class TissueMask:
 
     Attributes:
         mask: bool [h, w] in thumbnail pixels; True is tissue.
-        method: method actually used (``saturation``, ``brightness`` or ``none``).
+        method: method actually used (``saturation``, ``brightness``, ``darkness`` or
+            ``none``).
         threshold: threshold applied on the 0..255 channel (NaN for ``none``).
     """
 
@@ -170,12 +180,13 @@ def detect_tissue(
     if settings.method == "none":
         return TissueMask(region.copy(), "none", math.nan)
 
-    method = settings.method
+    method: TissueMethod = settings.method
     if method == "auto":
-        median_brightness = float(np.median(thumbnail.max(axis=2)[region])) if region.any() else 0
-        method = "brightness" if median_brightness < DARK_BACKGROUND_LEVEL else "saturation"
+        method = _auto_method(thumbnail, region)
     if method == "saturation":
         raw, threshold = _brightfield_raw_mask(thumbnail, settings, region)
+    elif method == "darkness":
+        raw, threshold = _greyscale_raw_mask(thumbnail, settings, region)
     else:
         raw, threshold = _fluorescence_raw_mask(thumbnail, thumbnail_mpp, settings, region)
 
@@ -187,6 +198,52 @@ def detect_tissue(
         100.0 * mask.mean() if mask.size else 0.0,
     )
     return TissueMask(mask, method, threshold)
+
+
+def _auto_method(thumbnail: np.ndarray, region: np.ndarray) -> TissueMethod:
+    """Choose ``brightness`` on a dark background, ``darkness`` on grey, else ``saturation``."""
+    if not region.any():
+        return "brightness"
+    inside = thumbnail[region]
+    if float(np.median(inside.max(axis=1))) < DARK_BACKGROUND_LEVEL:
+        return "brightness"
+    spread = inside.max(axis=1).astype(np.int16) - inside.min(axis=1).astype(np.int16)
+    if float(np.percentile(spread, 99)) <= GREY_MAX_CHANNEL_SPREAD:
+        return "darkness"
+    return "saturation"
+
+
+def _greyscale_raw_mask(
+    thumbnail: np.ndarray, settings: TissueSettings, region: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """Darkness (255 minus the mean of the channels) above Otsu's threshold or the fixed one.
+
+    Tissue absorbs light, so on a brightfield scan it is darker than the glass. Without a fixed
+    threshold, a split whose two classes differ by less than `settings.min_threshold` grey levels
+    is noise on blank glass and yields no tissue. The returned threshold is on the darkness.
+    """
+    darkness = 255 - np.rint(thumbnail.mean(axis=2)).astype(np.uint8)
+    if settings.threshold is not None:
+        threshold = float(settings.threshold)
+        return (darkness > threshold) & region, threshold
+    inside = darkness[region]
+    if inside.size == 0:
+        return np.zeros(darkness.shape, dtype=bool), math.nan
+
+    threshold = otsu_threshold(inside)
+    tissue = inside[inside > threshold]
+    glass = inside[inside <= threshold]
+    if tissue.size == 0 or glass.size == 0:
+        return np.zeros(darkness.shape, dtype=bool), threshold
+    contrast = float(np.median(tissue)) - float(np.median(glass))
+    if contrast < settings.min_threshold:
+        logger.debug(
+            "Greyscale: tissue/glass contrast %.1f grey levels is below %.1f; no tissue",
+            contrast,
+            settings.min_threshold,
+        )
+        return np.zeros(darkness.shape, dtype=bool), threshold
+    return (darkness > threshold) & region, threshold
 
 
 def fluorescence_signal(thumbnail: np.ndarray, thumbnail_mpp: float) -> np.ndarray:

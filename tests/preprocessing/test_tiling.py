@@ -542,3 +542,26 @@ def test_unchanged_slide_file_skipped(tmp_path: Path) -> None:
     again = run_tiling(_config(slide, tmp_path / "tiles", target_mpp=1.0))
 
     assert again.n_skipped == 1
+
+
+def test_greyscale_tiff_finds_tiles(tmp_path: Path) -> None:
+    tifffile = pytest.importorskip("tifffile")
+    rng = np.random.default_rng(0)
+    image = np.full((2000, 3000), 240, dtype=np.uint8)
+    image += rng.integers(0, 4, image.shape, dtype=np.uint8)
+    image[500:1300, 800:2000] = rng.integers(60, 180, (800, 1200), dtype=np.uint8)
+    slide = tmp_path / "grey.tif"
+    pixels_per_cm = 1e4 / 0.5
+    tifffile.imwrite(slide, image, tile=(256, 256), photometric="minisblack",
+                     resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER")
+
+    result = run_tiling(_config(slide, tmp_path / "tiles"))
+
+    assert result.n_ok == 1
+    store = read_coords_store(tmp_path / "tiles" / "grey.h5")
+    assert store.attrs["tissue_method"] == "darkness"
+    assert store.n_tiles > 0
+    x, y = store.coords[:, 0], store.coords[:, 1]
+    tile_px_level0 = float(store.attrs["tile_px_level0"])
+    assert (x + tile_px_level0 > 800).all() and (x < 2000).all()
+    assert (y + tile_px_level0 > 500).all() and (y < 1300).all()

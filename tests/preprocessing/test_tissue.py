@@ -58,9 +58,29 @@ def test_brightfield_blobs_found() -> None:
 
 
 def test_blank_glass_has_no_tissue() -> None:
-    result = detect_tissue(_render(blank(noise=6)), THUMB_MPP, TissueSettings())
+    result = detect_tissue(_render(blank(noise=6)), THUMB_MPP, TissueSettings(method="saturation"))
     assert not result.mask.any()
     assert result.threshold >= TissueSettings().min_threshold
+
+
+def test_blank_grey_glass_auto_finds_nothing() -> None:
+    result = detect_tissue(_render(blank(noise=6)), THUMB_MPP, TissueSettings())
+    assert result.method == "darkness"
+    assert not result.mask.any()
+
+
+def test_grey_thumbnail_uses_darkness() -> None:
+    rng = np.random.default_rng(0)
+    grey = np.full((SIZE[1], SIZE[0]), 240, dtype=np.uint8)
+    grey[100:300, 150:450] = rng.integers(60, 180, (200, 300), dtype=np.uint8)
+    thumbnail = np.repeat(grey[..., None], 3, axis=2)
+    truth = np.zeros(grey.shape, dtype=bool)
+    truth[100:300, 150:450] = True
+
+    result = detect_tissue(thumbnail, THUMB_MPP, TissueSettings())
+
+    assert result.method == "darkness"
+    assert _iou(result.mask, truth) > 0.95
 
 
 def test_fluorescence_uses_brightness() -> None:
