@@ -109,6 +109,9 @@ class TrainingSession:
         hint = self._split_fix_hint(table.has_splits)
         for split in splits:
             check_split(split, report.labels, class_map, report.case_ids, fix_hint=hint)
+        # Probe every matched store now, so that mixed feature dimensions or unreadable stores
+        # fail before anything is written into the run directory.
+        BagDataset(cfg.features_dir, slide_ids=report.slide_ids)
 
         if self.is_main:
             write_run_config(self.layout, cfg)
@@ -150,6 +153,13 @@ class TrainingSession:
             if self.is_main:
                 logger.warning("--overwrite is set: removing the previous run in %s",
                                layout.root)
+                remove_run_outputs(layout)
+            barrier()
+            return None
+        if not layout.metrics.exists() and not has_trained_model(layout):
+            if self.is_main:
+                logger.warning("%s contains a run that stopped before its first checkpoint; "
+                               "replacing it", layout.root)
                 remove_run_outputs(layout)
             barrier()
             return None
@@ -595,6 +605,11 @@ def changed_inputs(layout: RunLayout, cfg: TrainConfig) -> list[str]:
             shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
             changes.append(f"feature stores {kind} in {cfg.features_dir}: {shown}")
     return changes
+
+
+def has_trained_model(layout: RunLayout) -> bool:
+    """Whether any (split, seed) folder of the run contains a best or last checkpoint."""
+    return any(layout.root.glob("*/seed_*/checkpoint*.pt"))
 
 
 def remove_run_outputs(layout: RunLayout) -> None:

@@ -181,6 +181,32 @@ def test_changed_labels_or_features_rejected(tmp_path: Path) -> None:
     assert run_training(_config(tmp_path)).reused
 
 
+def test_mixed_dimensions_write_nothing(tmp_path: Path) -> None:
+    from preprocessing.errors import StoreFormatError
+
+    _config(tmp_path)
+    write_slides(tmp_path / "features", n_slides=2, dim=16)
+    with pytest.raises(StoreFormatError, match="different dimensions"):
+        run_training(_config(tmp_path))
+    assert not (tmp_path / "run").exists()
+
+    write_slides(tmp_path / "features", n_slides=2)
+    assert not run_training(_config(tmp_path)).reused
+
+
+def test_run_without_checkpoint_replaced(tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    run_training(_config(tmp_path))
+    for path in (tmp_path / "run").glob("*/seed_*/checkpoint*.pt"):
+        path.unlink()
+    (tmp_path / "run" / "metrics.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="mil.train_loop"):
+        result = run_training(_config(tmp_path, lr=5e-4))
+    assert not result.reused
+    assert "stopped before its first checkpoint; replacing it" in caplog.text
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["lr"] == 5e-4
+
+
 def test_balanced_sampler_and_acmil_aux_losses(tmp_path: Path) -> None:
     result = run_training(_config(tmp_path, model="acmil", balance="sampler", epochs=2))
     log = _read_csv(tmp_path / "run" / "fold_0" / "seed_0" / "log.csv")
