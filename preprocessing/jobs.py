@@ -179,10 +179,15 @@ def _parse_shard_text(shard: str) -> tuple[int, int]:
         raise ValueError(
             f"{shard!r} is not i/n; write it as i/n with 0 <= i < n, e.g. 0/4"
         ) from err
-    if count < 1 or not 0 <= index < count:
+    if count < 1:
+        raise ValueError(
+            f"{shard!r} asks for {count} shards, but the number of shards n must be at least 1; "
+            "write it as i/n with 0 <= i < n, e.g. 0/4"
+        )
+    if not 0 <= index < count:
         raise ValueError(
             f"{shard!r} asks for shard {index} of {count}, but the index must be 0 to "
-            f"{max(count - 1, 0)} (0 <= i < n)"
+            f"{count - 1} (0 <= i < n)"
         )
     return (index, count)
 
@@ -385,6 +390,15 @@ def read_rows(output_dir: Path, stage: str) -> dict[str, ManifestRow]:
     return rows
 
 
+def _read_row(output_dir: Path, stage: str, slide_id: str) -> ManifestRow | None:
+    """Stored manifest row of one slide, or None when it is missing or unreadable."""
+    path = state_dir(output_dir, stage) / "rows" / f"{slide_id}.json"
+    try:
+        return ManifestRow(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def write_manifest(output_dir: Path, stage: str) -> Path:
     """Rebuild ``<output_dir>/manifest.csv`` from the stored rows (atomic replace)."""
     manifest = output_dir / MANIFEST_NAME
@@ -484,7 +498,6 @@ def run_slides(
         )
     output_dir.mkdir(parents=True, exist_ok=True)
     locks_dir = state_dir(output_dir, stage) / "locks"
-    previous = read_rows(output_dir, stage)
 
     n_ok = n_failed = n_skipped = 0
     manifest = output_dir / MANIFEST_NAME
@@ -504,7 +517,10 @@ def run_slides(
                         n_skipped += 1
                     elif is_done(slide):
                         logger.debug("%s: skipped, complete output exists", slide.slide_id)
-                        if slide.slide_id not in previous:
+                        # The row is read now, not at the start of the run, because another
+                        # process may have made this output meanwhile. Its row has the real
+                        # status and n_tiles, which a skip row would replace.
+                        if _read_row(output_dir, stage, slide.slide_id) is None:
                             write_row(output_dir, _skipped_row(slide, stage))
                         n_skipped += 1
                     else:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from preprocessing.errors import ConfigError, MissingMppError, SlideOpenError
 from preprocessing.inputs import SlideInput
 from preprocessing.jobs import (
+    ManifestRow,
     Shard,
     SlideLock,
     SlideOutcome,
@@ -26,6 +27,7 @@ from preprocessing.jobs import (
     run_slides,
     select_shard,
     state_dir,
+    write_row,
 )
 
 
@@ -50,6 +52,13 @@ def test_parse_shard() -> None:
 def test_parse_shard_rejects(shard: str) -> None:
     with pytest.raises(ConfigError, match="shard"):
         parse_shard(shard, environ={})
+
+
+@pytest.mark.parametrize("shard", ["2/0", "0/0", "0/-3"])
+def test_shard_count_below_one_explained(shard: str) -> None:
+    with pytest.raises(ConfigError, match="number of shards n must be at least 1") as raised:
+        parse_shard(shard, environ={})
+    assert "index must be" not in str(raised.value)
 
 
 def test_slurm_array_with_step() -> None:
@@ -331,6 +340,28 @@ def test_outputs_made_elsewhere_get_skipped_rows(tmp_path: Path) -> None:
     )
     assert result.n_skipped == 2
     assert [row["status"] for row in _manifest(result.manifest_path)] == ["skipped", "skipped"]
+
+
+def test_skip_keeps_row_of_other_worker(tmp_path: Path) -> None:
+    def finished_by_other_worker(slide: SlideInput) -> bool:
+        # Another worker wrote this row after this run had started.
+        write_row(tmp_path, ManifestRow(slide.slide_id, str(slide.path), "tile", "ok",
+                                        n_tiles=7, seconds=1.5))
+        return True
+
+    result = run_slides(
+        _slides(2),
+        lambda s: SlideOutcome(),
+        stage="tile",
+        output_dir=tmp_path,
+        is_done=finished_by_other_worker,
+        progress=False,
+    )
+
+    assert result.n_skipped == 2
+    rows = _manifest(result.manifest_path)
+    assert [row["status"] for row in rows] == ["ok", "ok"]
+    assert [row["n_tiles"] for row in rows] == ["7", "7"]
 
 
 def test_slide_held_by_live_process_is_skipped(tmp_path: Path) -> None:
