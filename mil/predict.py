@@ -122,12 +122,17 @@ def select_checkpoints(cfg: PredictConfig) -> list[Path]:
         if (cfg.folds is None or path.parent.parent.name in cfg.folds)
         and (cfg.seeds is None or path.parent.name in {f"seed_{s}" for s in cfg.seeds})
     ]
+    if not found and not any(layout.root.glob("*/seed_*/checkpoint*.pt")):
+        raise CheckpointError(
+            f"no trained model found in {layout.root} (no <split>/seed_<s>/{name}); run `slidemil "
+            "train` with this --run-dir first"
+        )
     if not chosen:
         available = sorted({f"{p.parent.parent.name}/{p.parent.name}" for p in found})
         raise CheckpointError(
-            f"{layout.root}: no {name} matches --fold {cfg.folds} --seed {cfg.seeds} "
-            f"(available: {', '.join(available) or 'none'}); train first or change --fold, "
-            "--seed or --checkpoint"
+            f"{layout.root}: no {name} matches --fold {', '.join(cfg.folds or ['any'])} --seed "
+            f"{', '.join(str(s) for s in cfg.seeds or ['any'])} (available: "
+            f"{', '.join(available) or 'none'}); change --fold, --seed or --checkpoint"
         )
     if not cfg.ensemble and len(chosen) > 1:
         names = [f"{p.parent.parent.name}/{p.parent.name}" for p in chosen]

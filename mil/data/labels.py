@@ -593,21 +593,31 @@ class ClassMap:
                               "the run directory") from err
         except json.JSONDecodeError as err:
             raise ConfigError(f"class map {path} is not valid JSON: {err}") from err
+        names: list[object]
         if isinstance(content, list):
-            return cls(content)
-        if isinstance(content, dict) and "classes" in content and isinstance(
+            names = content
+        elif isinstance(content, dict) and "classes" in content and isinstance(
                 content["classes"], list):
-            return cls(content["classes"])
-        if not isinstance(content, dict):
+            names = content["classes"]
+        elif not isinstance(content, dict):
             raise ConfigError(f"class map {path} must be a JSON object label -> index")
+        else:
+            try:
+                by_index = sorted((int(index), name) for name, index in content.items())
+            except (TypeError, ValueError) as err:
+                raise ConfigError(
+                    f"class map {path} has a non-integer index: {content}") from err
+            if [index for index, _ in by_index] != list(range(len(by_index))):
+                raise ConfigError(f"class map {path} indices must be 0..{len(by_index) - 1} "
+                                  f"once each, got {content}")
+            names = [name for _, name in by_index]
+        if not names:
+            raise ConfigError(f"class map {path} lists no classes; restore the classes.json "
+                              "that training wrote or train the run again")
         try:
-            by_index = sorted((int(index), name) for name, index in content.items())
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"class map {path} has a non-integer index: {content}") from err
-        if [index for index, _ in by_index] != list(range(len(by_index))):
-            raise ConfigError(f"class map {path} indices must be 0..{len(by_index) - 1} once "
-                              f"each, got {content}")
-        return cls([name for _, name in by_index])
+            return cls(names)
+        except ConfigError as err:
+            raise ConfigError(f"class map {path}: {err}") from err
 
 
 def _class_sort_key(name: str) -> tuple[int, float, str]:

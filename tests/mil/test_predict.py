@@ -206,6 +206,35 @@ def test_predict_cuda_without_cuda_rejected(trained_run: Path) -> None:
         _predict(trained_run, "no_cuda", device="cuda")
 
 
+def test_run_without_models_says_train_first(trained_run: Path, tmp_path: Path) -> None:
+    empty_run = tmp_path / "empty_run"
+    empty_run.mkdir()
+    with pytest.raises(CheckpointError) as caught:
+        run_prediction(PredictConfig(run_dir=empty_run, features_dir=trained_run / "features",
+                                     progress=False))
+    message = str(caught.value)
+    assert f"no trained model found in {empty_run}" in message
+    assert "run `slidemil train` with this --run-dir first" in message
+    assert "None" not in message
+
+
+def test_unmatched_fold_lists_available(trained_run: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"matches --fold fold_9 --seed any \(available: "
+                                              r"fold_0/seed_0, fold_1/seed_0\)"):
+        _predict(trained_run, "fold_9", folds=["fold_9"])
+
+
+def test_empty_class_map_named(trained_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "run", run)
+    (run / "classes.json").write_text("{}")
+    with pytest.raises(ConfigError, match=f"class map {run / 'classes.json'} lists no classes"):
+        run_prediction(PredictConfig(run_dir=run, features_dir=trained_run / "features",
+                                     output_dir=tmp_path / "out", progress=False))
+
+
 def test_cli_predict_rejects_bad_selection(trained_run: Path) -> None:
     from typer.testing import CliRunner
 
