@@ -129,9 +129,10 @@ def select_checkpoints(cfg: PredictConfig) -> list[Path]:
         )
     if not chosen:
         available = sorted({f"{p.parent.parent.name}/{p.parent.name}" for p in found})
+        folds = ", ".join(cfg.folds) if cfg.folds else "any"
+        seeds = ", ".join(str(seed) for seed in cfg.seeds) if cfg.seeds else "any"
         raise CheckpointError(
-            f"{layout.root}: no {name} matches --fold {', '.join(cfg.folds or ['any'])} --seed "
-            f"{', '.join(str(s) for s in cfg.seeds or ['any'])} (available: "
+            f"{layout.root}: no {name} matches --fold {folds} --seed {seeds} (available: "
             f"{', '.join(available) or 'none'}); change --fold, --seed or --checkpoint"
         )
     if not cfg.ensemble and len(chosen) > 1:
