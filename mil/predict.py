@@ -385,7 +385,7 @@ def check_previous_provenance(output_dir: Path, provenance: dict[str, Any]) -> N
     differing = sorted(key for key in set(previous) | set(provenance)
                        if previous.get(key) != provenance.get(key))
     raise ConfigError(
-        f"{output_dir / 'predictions.csv'} holds predictions of run {_describe(previous)} but "
+        f"{output_dir / 'predictions.csv'} contains predictions of run {_describe(previous)} but "
         f"this prediction uses run {_describe(provenance)} (differs in: {', '.join(differing)})"
         "; choose another --output-dir (-o) so the two are not mixed in one file"
     )
