@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -37,6 +39,8 @@ class Reader(Protocol):
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
     properties: Mapping[str, str]
+    #: Damage found while opening the file (for example data past its end), one line each.
+    problems: list[str]
 
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
@@ -131,6 +135,7 @@ class OpenSlideReader:
         self.level_dimensions = tuple((int(w), int(h)) for w, h in self._handle.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._handle.level_downsamples)
         self.properties: Mapping[str, str] = dict(self._handle.properties)
+        self.problems: list[str] = []
 
     def _slide(self) -> openslide.OpenSlide:
         # OpenSlide errors are sticky: after one failed read every call on the handle fails,
@@ -179,6 +184,7 @@ class TiffReader:
         self._tiff = tifffile.TiffFile(str(path))
         try:
             self._init_levels()
+            self.problems: list[str] = _data_past_end_of_file(self._tiff, path)
         except Exception:
             self._tiff.close()
             raise
@@ -316,6 +322,54 @@ class TiffReader:
 
     def close(self) -> None:
         self._tiff.close()
+
+
+def _data_past_end_of_file(tiff: tifffile.TiffFile, path: Path) -> list[str]:
+    """Describe each parsed page whose tiles or strips end past the end of the file."""
+    file_size = os.path.getsize(path)
+    problems: list[str] = []
+    for index, page in enumerate(tiff.pages):
+        offsets = np.asarray(getattr(page, "dataoffsets", ()), dtype=np.int64)
+        counts = np.asarray(getattr(page, "databytecounts", ()), dtype=np.int64)
+        if offsets.size == 0 or offsets.shape != counts.shape:
+            continue
+        past_end = int(np.count_nonzero(offsets + counts > file_size))
+        if past_end:
+            problems.append(
+                f"page {index}: {past_end} of {offsets.size} tiles or strips end past the end "
+                f"of the file ({file_size} bytes); the file is probably truncated"
+            )
+    return problems
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def capture_tifffile_messages() -> Iterator[list[str]]:
+    """Collect tifffile's warnings and errors instead of logging them without a slide id.
+
+    tifffile logs damage it meets while parsing (such as ``invalid page offset`` on a truncated
+    file) to its own logger. The caller logs the collected messages with the slide id.
+    NOTE: the tifffile logger stops propagating while the block runs, so messages of other
+    threads that read TIFFs at that time are collected here too.
+    """
+    tiff_logger = logging.getLogger("tifffile")
+    handler = _ListHandler()
+    propagate = tiff_logger.propagate
+    tiff_logger.addHandler(handler)
+    tiff_logger.propagate = False
+    try:
+        yield handler.messages
+    finally:
+        tiff_logger.removeHandler(handler)
+        tiff_logger.propagate = propagate
 
 
 def _yxc_axes(axes: str, shape: tuple[int, ...], path: Path) -> tuple[tuple[int, ...], int]:

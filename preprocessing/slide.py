@@ -19,7 +19,13 @@ from PIL import Image
 from preprocessing.errors import MissingMppError, SlideOpenError
 from preprocessing.inputs import slide_id_from_path
 from preprocessing.mpp import MppResult, resolve_mpp
-from preprocessing.readers import BAND_PIXELS, Reader, ReaderChoice, open_reader
+from preprocessing.readers import (
+    BAND_PIXELS,
+    Reader,
+    ReaderChoice,
+    capture_tifffile_messages,
+    open_reader,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +49,8 @@ class Slide:
         bounds: (x, y, width, height) of the scanned area in level-0 pixels (MIRAX and others
             state it; the whole level 0 otherwise).
         properties: reader metadata (OpenSlide property names; tifffile fills ``tiff.*``).
+        problems: damage found while opening the file (tifffile warnings, data past the end of
+            the file), one line each; empty for an intact file.
     """
 
     def __init__(self, reader: Reader, path: Path, slide_id: str, mpp: MppResult) -> None:
@@ -58,6 +66,8 @@ class Slide:
         self.mpp = mpp.mpp
         self.mpp_source = mpp.source
         self.bounds = _bounds(reader.properties, self.dimensions)
+        # Readers made outside this package may lack `problems`: none known then.
+        self.problems: list[str] = list(getattr(reader, "problems", []))
 
     # Context manager -------------------------------------------------------------------------
 
@@ -282,7 +292,15 @@ def open_slide(
             f"{slide_path}: is a folder, not a slide file. For DICOM pass one .dcm file of the "
             "series; for MIRAX pass the .mrxs file."
         )
-    pixel_reader = open_reader(slide_path, reader)
+    name = slide_id or slide_id_from_path(slide_path)
+    with capture_tifffile_messages() as tifffile_messages:
+        try:
+            pixel_reader = open_reader(slide_path, reader)
+        finally:
+            for message in tifffile_messages:
+                logger.warning("%s: %s: tifffile: %s", name, slide_path, message)
+    for problem in pixel_reader.problems:
+        logger.warning("%s: %s: %s", name, slide_path, problem)
     try:
         mpp_result = resolve_mpp(pixel_reader.properties, override=mpp, default=default_mpp)
     except ValueError as err:
@@ -290,4 +308,6 @@ def open_slide(
         raise SlideOpenError(f"{slide_path}: {err}") from err
     for note in mpp_result.rejected:
         logger.warning("%s: skipped resolution metadata: %s", slide_path, note)
-    return Slide(pixel_reader, slide_path, slide_id or slide_id_from_path(slide_path), mpp_result)
+    opened = Slide(pixel_reader, slide_path, name, mpp_result)
+    opened.problems = [f"tifffile: {message}" for message in tifffile_messages] + opened.problems
+    return opened

@@ -234,10 +234,15 @@ def tile_slide(
         coords = grid[fractions >= cfg.min_tissue_fraction]
 
         bad: list[tuple[int, int]] = []
-        if cfg.verify_tiles and len(coords):
+        # A damaged file (see `Slide.problems`) has its tiles decoded even without
+        # verify_tiles, so tiles that cannot be read are dropped and counted in the status.
+        if (cfg.verify_tiles or slide.problems) and len(coords):
             coords, bad = _verify_tiles(slide, coords, geometry, read_level, cfg.tile_px)
 
         status, message = _status(len(coords), len(bad), cfg.max_bad_tile_fraction)
+        if slide.problems:
+            damage = f"slide file damaged: {'; '.join(slide.problems)}"
+            message = f"{message}; {damage}" if message else damage
         if size_note:
             message = f"{message}; {size_note}" if message else size_note
         attrs = coords_attrs(slide, cfg, geometry, read_level, tissue, thumbnail_mpp, status)

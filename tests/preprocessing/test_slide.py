@@ -307,3 +307,31 @@ def test_single_level_thumbnail_in_bands(tmp_path: Path, monkeypatch: pytest.Mon
     np.testing.assert_array_equal(whole, banded)
     # Each 8 x 8 block lies inside one 64-pixel square, so block means are the pure colours.
     assert set(np.unique(whole[..., 0]).tolist()) == {RED, BLUE}
+
+
+def _truncated_copy(folder: Path, fraction: float = 0.8) -> Path:
+    """A copy of the bundled SVS cut at `fraction` of its size (level 0 stays complete)."""
+    data = bundled(CMU).read_bytes()
+    path = folder / "truncated.svs"
+    path.write_bytes(data[: int(len(data) * fraction)])
+    return path
+
+
+def test_truncated_svs_logged_with_slide_id(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _truncated_copy(tmp_path)
+
+    with caplog.at_level(logging.WARNING), open_slide(path, slide_id="case-7") as slide:
+        problems = list(slide.problems)
+
+    assert any("invalid page offset" in problem for problem in problems)
+    damage = [record for record in caplog.records if "invalid page offset" in record.getMessage()]
+    assert damage
+    assert all(record.name != "tifffile" for record in damage)
+    assert all(record.getMessage().startswith("case-7: ") for record in damage)
+
+
+def test_intact_svs_has_no_problems() -> None:
+    with open_slide(bundled(CMU)) as slide:
+        assert slide.problems == []

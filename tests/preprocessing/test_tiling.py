@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from preprocessing.errors import ConfigError, DuplicateSlideIdError
+from preprocessing.errors import ConfigError, DuplicateSlideIdError, TileReadError
 from preprocessing.grid import GridGeometry, tile_grid
 from preprocessing.mpp import resolve_mpp
 from preprocessing.qc import draw_qc
@@ -565,3 +565,42 @@ def test_greyscale_tiff_finds_tiles(tmp_path: Path) -> None:
     tile_px_level0 = float(store.attrs["tile_px_level0"])
     assert (x + tile_px_level0 > 800).all() and (x < 2000).all()
     assert (y + tile_px_level0 > 500).all() and (y < 1300).all()
+
+
+def _truncated_svs(folder: Path) -> Path:
+    data = bundled(CMU).read_bytes()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "truncated.svs"
+    path.write_bytes(data[: int(len(data) * 0.8)])
+    return path
+
+
+def test_truncated_svs_noted_in_manifest(tmp_path: Path) -> None:
+    slide = _truncated_svs(tmp_path / "slides")
+
+    result = run_tiling(_config(slide, tmp_path / "tiles", target_mpp=1.0))
+
+    row = _manifest(tmp_path / "tiles")["truncated"]
+    assert result.n_ok == 1
+    assert row["status"] == "ok"
+    assert int(row["n_tiles"]) > 0
+    assert "slide file damaged" in row["message"]
+    assert "invalid page offset" in row["message"]
+
+
+def test_truncated_svs_unreadable_tiles_partial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slide = _truncated_svs(tmp_path / "slides")
+
+    def fail(self: Slide, x: int, y: int, *args: object) -> np.ndarray:
+        raise TileReadError(f"{self.path}: tile ({x}, {y}) cannot be decoded")
+
+    # verify_tiles stays off: the damaged file alone makes tiling decode every tile.
+    monkeypatch.setattr(Slide, "read_tile", fail)
+    run_tiling(_config(slide, tmp_path / "tiles", target_mpp=1.0))
+
+    row = _manifest(tmp_path / "tiles")["truncated"]
+    assert row["status"] == "partial"
+    assert row["n_tiles"] == "0"
+    assert "could not be decoded" in row["message"]
