@@ -17,11 +17,13 @@ _BATCH = "Batch"
 
 
 class TissueMethodChoice(StrEnum):
-    """Tissue detector: `auto` picks brightness for dark (fluorescence) slides."""
+    """Tissue detector: `auto` picks brightness for dark (fluorescence) slides and darkness for
+    slides without colour."""
 
     auto = "auto"
     saturation = "saturation"
     brightness = "brightness"
+    darkness = "darkness"
     none = "none"
 
 
