@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import AfterValidator
+from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import (
     BarColumn,
@@ -426,12 +427,19 @@ class _RateColumn(ProgressColumn):
         return Text(f"{task.completed / elapsed:.2f} slides/s  {tiles / elapsed:,.0f} tiles/s")
 
 
-def _progress(stage: str, enabled: bool) -> Progress:
-    # Draw on the console of the rich log handler, if the CLI set one up, so that log lines
-    # scroll above the bar instead of breaking it.
-    console = next(
+def progress_console() -> Console | None:
+    """Console of the rich log handler, if the CLI set one up; None means rich's default.
+
+    Progress bars draw on it so that log lines scroll above the bars instead of breaking them,
+    and a stage's per-slide bars must use the same console to join the stage's bar.
+    """
+    return next(
         (h.console for h in logging.getLogger().handlers if isinstance(h, RichHandler)), None
     )
+
+
+def _progress(stage: str, enabled: bool) -> Progress:
+    console = progress_console()
     return Progress(
         TextColumn(f"[bold]{stage}[/bold]"),
         BarColumn(),
