@@ -7,6 +7,11 @@ slide (at the level and size the tiling stage chose), embeds them with a backbon
 skipped, counted and logged with its coordinates. Features and coords therefore always stay
 aligned.
 
+Memory: each batch of embeddings is appended to the temporary store as soon as the backbone
+returns it, so a slide needs memory for a few batches, not for all N x D features. Because
+skipped tiles make N known only at the end, the store's datasets grow by rows, and the checks
+on failed tiles and NaN features run before the store is committed.
+
 Throughput: DataLoader workers decode tiles while the device computes. Each worker opens its
 own slide handle on first use, because open file handles must never cross a fork or be
 pickled for spawn. Batches travel as uint8 (a quarter of the bytes of float32) in pinned memory
@@ -27,15 +32,27 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+from rich import get_console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 from torch.utils.data import DataLoader, Dataset
 
 from preprocessing.backbones import (
@@ -53,7 +70,7 @@ from preprocessing.errors import (
     TileReadError,
 )
 from preprocessing.inputs import SlideInput, list_slides
-from preprocessing.jobs import Shard, SlideOutcome, StageResult, run_slides
+from preprocessing.jobs import Shard, SlideOutcome, StageResult, progress_console, run_slides
 from preprocessing.slide import Slide, open_slide
 from preprocessing.stores import (
     CoordsStore,
@@ -70,7 +87,8 @@ STAGE = "extract"
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 StartMethod = Literal["fork", "spawn", "forkserver"]
 
-#: Rows handed to the store writer at once.
+#: Rows handed to the store writer at once by `write_feature_store`, and rows read at once
+#: when a store is checked for NaN.
 WRITE_BLOCK_ROWS = 4096
 
 
@@ -112,7 +130,8 @@ class ExtractConfig(BaseModel):
             other settings, and remove their stores in the other format. Only the stores of
             the processed slides are replaced.
         skip_errors: Record a failed slide in the manifest and continue with the next one.
-        progress: Show a progress bar with slides and tiles per second.
+        progress: Show a progress bar of the slides and, on a terminal, one of the current
+            slide's tiles with tiles per second.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -554,6 +573,171 @@ class SlideFeatures:
     seconds: float
 
 
+@dataclass
+class StreamedSlide:
+    """Summary of one slide whose embeddings went to a sink batch by batch.
+
+    Attributes:
+        n_rows: Rows handed to the sink (the decodable tiles).
+        failed_coords: int64 [n_failed, 2] level-0 (x, y) of tiles that could not be decoded.
+        seconds: Wall time of reading, embedding and handing the rows to the sink.
+    """
+
+    n_rows: int
+    failed_coords: np.ndarray
+    seconds: float
+
+
+class FeatureSink(Protocol):
+    """Receiver of embeddings in coords order, such as an appending `FeatureStoreWriter`."""
+
+    def append(self, rows: np.ndarray, coords: np.ndarray) -> None:
+        """Take features [b, D] in the store dtype and their int64 level-0 coords [b, 2]."""
+
+
+class _TileRateColumn(ProgressColumn):
+    """Tiles per second of a slide, as rich estimates it over the last seconds."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.speed
+        return Text(f"{speed:,.0f} tiles/s" if speed else "- tiles/s")
+
+
+@contextmanager
+def tile_progress(slide_id: str, n_tiles: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """Show a bar of one slide's tiles (done / total, tiles per second) while the block runs.
+
+    Yields the function that advances the bar by n tiles. The bar joins the stage's slide bar
+    and disappears when the slide is done. It is off when `enabled` is False or when the
+    console is not a terminal, so that logs redirected to a file get no progress lines.
+    """
+    console = progress_console() or get_console()
+    if not enabled or not (console.is_terminal or console.is_jupyter):
+        yield lambda n: None
+        return
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tiles"),
+        _TileRateColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task(slide_id, total=n_tiles)
+        yield lambda n: progress.advance(task, n)
+
+
+def stream_slide_features(
+    grid: TileGrid,
+    embedder: TileEmbedder,
+    sink: FeatureSink,
+    batch_size: int,
+    num_workers: int,
+    dtype: str = "float16",
+    worker_start_method: StartMethod | None = None,
+    prefetch_factor: int = 4,
+    progress: bool = False,
+) -> StreamedSlide:
+    """Read and embed every tile of one slide and hand each batch to `sink` in coords order.
+
+    Only one batch of embeddings is held at a time, so memory does not grow with the number
+    of tiles. Tiles that cannot be decoded are left out of the rows and their coords, never
+    zero-filled, and are returned in `failed_coords`.
+
+    Raises:
+        BackboneError: A batch has NaN or infinite features after the conversion to `dtype`
+            (float16 overflows above 65504). The slide stops at that batch.
+    """
+    start = time.perf_counter()
+    n_tiles = int(grid.coords.shape[0])
+    failed_rows: list[int] = []
+    n_rows = 0
+    if n_tiles == 0:
+        return StreamedSlide(0, np.empty((0, 2), dtype=np.int64), 0.0)
+    loader, dataset = make_tile_loader(
+        grid,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=embedder.device.type == "cuda",
+        worker_start_method=worker_start_method,
+        prefetch_factor=prefetch_factor,
+    )
+    previous_row = -1
+    try:
+        with tile_progress(grid.slide_id, n_tiles, progress) as advance:
+            for batch, embeddings in embedder.embed_batches(loader):
+                rows = batch.rows.numpy()
+                previous_row = _check_rows_ascending(grid, rows, previous_row)
+                # Overflow to inf in float16 is reported by the check below, not as a warning.
+                with np.errstate(over="ignore"):
+                    features = embeddings.astype(np.dtype(dtype), copy=False)  # [b, D]
+                _reject_non_finite(grid, embedder, rows, features, dtype)
+                if rows.size:
+                    sink.append(features, grid.coords[rows])
+                n_rows += int(rows.size)
+                failed_rows.extend(batch.failed_rows)
+                advance(int(rows.size) + len(batch.failed_rows))
+    finally:
+        dataset.close()
+    return StreamedSlide(
+        n_rows=n_rows,
+        failed_coords=grid.coords[np.asarray(failed_rows, dtype=np.int64)],
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _check_rows_ascending(grid: TileGrid, rows: np.ndarray, previous_row: int) -> int:
+    """Check that a batch continues the coords order; returns its last row.
+
+    Rows are appended to the store as they come, so a batch out of order would misplace
+    features. The ordered DataLoader never yields one; this guards that assumption.
+    """
+    if rows.size == 0:
+        return previous_row
+    if rows[0] <= previous_row or (rows.size > 1 and bool((np.diff(rows) <= 0).any())):
+        raise RuntimeError(
+            f"{grid.slide_id}: tile batch with rows {rows[0]}..{rows[-1]} arrived after row "
+            f"{previous_row}; batches must follow the coords order (a DataLoader with "
+            "shuffle=False and in_order=True)."
+        )
+    return int(rows[-1])
+
+
+def _reject_non_finite(
+    grid: TileGrid, embedder: TileEmbedder, rows: np.ndarray, features: np.ndarray, dtype: str
+) -> None:
+    """Raise BackboneError when a batch has NaN or infinite features [b, D]."""
+    finite = np.isfinite(features).all(axis=1)
+    if finite.all():
+        return
+    bad = np.flatnonzero(~finite)
+    x, y = (int(value) for value in grid.coords[rows[bad[0]]])
+    hint = "--precision fp32"
+    if dtype == "float16":
+        hint = "--dtype float32 (float16 stores overflow above 65504), " + hint
+    raise BackboneError(
+        f"{grid.slide_id}: backbone {embedder.backbone.preset.name!r} produced NaN or infinite "
+        f"features for {bad.size} of the {finite.size} tiles of the batch that starts at row "
+        f"{int(rows[0])} (first at level-0 x={x}, y={y}); extraction stopped there and no "
+        f"store was written. Try {hint}, or check the weights."
+    )
+
+
+class _ArraySink:
+    """Collects streamed rows and coords in memory (for `embed_slide`)."""
+
+    def __init__(self) -> None:
+        self.rows: list[np.ndarray] = []
+        self.coords: list[np.ndarray] = []
+
+    def append(self, rows: np.ndarray, coords: np.ndarray) -> None:
+        self.rows.append(rows)
+        self.coords.append(coords)
+
+
 def embed_slide(
     grid: TileGrid,
     embedder: TileEmbedder,
@@ -563,31 +747,37 @@ def embed_slide(
     worker_start_method: StartMethod | None = None,
     prefetch_factor: int = 4,
 ) -> SlideFeatures:
-    """Read and embed every tile of one slide; failed tiles are left out, never zero-filled."""
-    start = time.perf_counter()
-    n_tiles = int(grid.coords.shape[0])
-    features = np.empty((n_tiles, embedder.embedding_dim), dtype=np.dtype(dtype))
-    decoded = np.zeros(n_tiles, dtype=bool)
-    loader, dataset = make_tile_loader(
+    """Read and embed every tile of one slide and return all features in memory.
+
+    This holds N x D values at once. The stage itself streams batches to the store with
+    :func:`stream_slide_features`; this function suits small grids, tests and benchmarks.
+    Failed tiles are left out, never zero-filled.
+
+    Raises:
+        BackboneError: Some features are NaN or infinite in `dtype`.
+    """
+    sink = _ArraySink()
+    streamed = stream_slide_features(
         grid,
+        embedder,
+        sink,
         batch_size=batch_size,
         num_workers=num_workers,
-        pin_memory=embedder.device.type == "cuda",
+        dtype=dtype,
         worker_start_method=worker_start_method,
         prefetch_factor=prefetch_factor,
     )
-    try:
-        for batch, embeddings in embedder.embed_batches(loader):
-            rows = batch.rows.numpy()
-            features[rows] = embeddings
-            decoded[rows] = True
-    finally:
-        dataset.close()
+    if sink.rows:
+        features = np.concatenate(sink.rows)
+        coords = np.concatenate(sink.coords)
+    else:
+        features = np.empty((0, embedder.embedding_dim), dtype=np.dtype(dtype))
+        coords = np.empty((0, 2), dtype=np.int64)
     return SlideFeatures(
-        features=features[decoded],
-        coords=grid.coords[decoded],
-        failed_coords=grid.coords[~decoded],
-        seconds=time.perf_counter() - start,
+        features=features,
+        coords=coords,
+        failed_coords=streamed.failed_coords,
+        seconds=streamed.seconds,
     )
 
 
@@ -792,30 +982,30 @@ class _SlideExtractor:
         embedder = self.embedder
         backbone_seconds = time.perf_counter() - start if built_backbone else 0.0
 
-        if coords_store.n_tiles == 0:
-            result = SlideFeatures(
-                np.empty((0, embedder.embedding_dim), dtype=np.dtype(self.cfg.dtype)),
-                grid.coords,
-                np.empty((0, 2), dtype=np.int64),
-                0.0,
-            )
-        else:
+        if coords_store.n_tiles:
             _check_slide_matches(grid, coords_store.attrs)
-            result = embed_slide(
+        # Rows go to the temporary store batch by batch. Any error below, including the
+        # failed-tile check, removes the temporary store, so nothing incomplete is committed.
+        with FeatureStoreWriter.appending(
+            path, embedder.embedding_dim, {}, dtype=self.cfg.dtype, fmt=self.cfg.format
+        ) as writer:
+            result = stream_slide_features(
                 grid,
                 embedder,
+                writer,
                 batch_size=self.cfg.batch_size,
                 num_workers=self.num_workers,
                 dtype=self.cfg.dtype,
                 worker_start_method=self.cfg.worker_start_method,
                 prefetch_factor=self.cfg.prefetch_factor,
+                progress=self.cfg.progress,
             )
-        n_failed = int(result.failed_coords.shape[0])
-        self._check_failed_fraction(slide, n_failed, coords_store.n_tiles, result.failed_coords)
-        self._check_finite(slide, result)
-
-        attrs = feature_store_attrs(coords_store.attrs, embedder.backbone, self.cfg, n_failed)
-        write_feature_store(path, result.features, result.coords, attrs, self.cfg)
+            n_failed = int(result.failed_coords.shape[0])
+            self._check_failed_fraction(
+                slide, n_failed, coords_store.n_tiles, result.failed_coords
+            )
+            attrs = feature_store_attrs(coords_store.attrs, embedder.backbone, self.cfg, n_failed)
+            writer.update_attrs(attrs)
         if old_format is not None:
             logger.info("%s: removing %s, replaced by %s (--overwrite).", slide.slide_id,
                         old_format, path)
@@ -825,7 +1015,7 @@ class _SlideExtractor:
             # every slide leaves the previous extract_config.yaml in place.
             save_resolved_config(self.cfg, self.out_dir, self.weights_id)
             self._config_saved = True
-        n_ok = int(result.coords.shape[0])
+        n_ok = result.n_rows
         self._log_timing(slide, n_ok, result.seconds, backbone_seconds, start, path)
         message = ""
         if n_failed:
@@ -877,8 +1067,8 @@ class _SlideExtractor:
             f" ({backbone_seconds:.1f} s building the backbone)" if backbone_seconds else ""
         )
         logger.info(
-            "%s: %d tiles, %.1f s for the slide%s, of which reading and embedding tiles "
-            "took %.1f s (%.1f tiles/s) -> %s",
+            "%s: %d tiles, %.1f s for the slide%s, of which reading, embedding and writing "
+            "tiles took %.1f s (%.1f tiles/s) -> %s",
             slide.slide_id,
             n_ok,
             total,
@@ -923,26 +1113,6 @@ class _SlideExtractor:
             "training rejects two feature stores for one slide. Rerun with --overwrite to "
             f"replace {other.name} by {path.name} (the old store is removed), or choose "
             "another --output-dir."
-        )
-
-    def _check_finite(self, slide: SlideInput, result: SlideFeatures) -> None:
-        """Reject features with NaN or infinite values before they reach a store.
-
-        Raises:
-            BackboneError: Some rows are not finite.
-        """
-        finite = np.isfinite(result.features).all(axis=1)
-        if finite.all():
-            return
-        bad = np.flatnonzero(~finite)
-        x, y = (int(value) for value in result.coords[bad[0]])
-        hint = "--precision fp32"
-        if self.cfg.dtype == "float16":
-            hint = "--dtype float32 (float16 stores overflow above 65504), " + hint
-        raise BackboneError(
-            f"{slide.slide_id}: backbone {self.cfg.backbone!r} produced NaN or infinite "
-            f"features for {bad.size} of {finite.size} tiles (first at level-0 x={x}, y={y}); "
-            f"no store was written. Try {hint}, or check the weights."
         )
 
     def _check_failed_fraction(

@@ -201,6 +201,61 @@ def read_coords_store(path: Path) -> CoordsStore:
 
 # -------------------------------------------------------------------------- feature stores
 
+#: Rows of one chunk of an appended `coords` dataset (1 MiB of int64 pairs).
+COORDS_CHUNK_ROWS = 2**16
+
+
+def _feature_chunk_rows(dim: int) -> int:
+    """Rows per chunk of `features`: about 1 MiB of float32 (half that as float16)."""
+    return max(1, 2**20 // max(1, dim * 4))
+
+
+def _resize_rows(array: Any, n_rows: int) -> None:
+    """Set the number of rows of a resizable h5py Dataset or zarr Array."""
+    if isinstance(array, h5py.Dataset):
+        array.resize(n_rows, axis=0)
+    else:
+        array.resize((n_rows, *array.shape[1:]))
+
+
+class _ChunkAppender:
+    """Append rows to a resizable 2-D array, writing whole chunks only.
+
+    Rows wait in memory until at least one chunk of `chunk_rows` rows is filled, so every chunk
+    is written once (a zarr chunk written in parts is decompressed and compressed again each
+    time). At most one chunk plus the last appended block is held.
+    """
+
+    def __init__(self, array: Any, chunk_rows: int) -> None:
+        self.array = array
+        self.chunk_rows = chunk_rows
+        self.n_flushed = 0
+        self.n_pending = 0
+        self._pending: list[np.ndarray] = []
+
+    def append(self, rows: np.ndarray) -> None:
+        self._pending.append(rows)
+        self.n_pending += rows.shape[0]
+        if self.n_pending >= self.chunk_rows:
+            self.flush(whole_chunks_only=True)
+
+    def flush(self, whole_chunks_only: bool = False) -> None:
+        if not self._pending:
+            return
+        block = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
+        n_rows = block.shape[0]
+        if whole_chunks_only:
+            n_rows -= n_rows % self.chunk_rows
+        if n_rows:
+            stop = self.n_flushed + n_rows
+            _resize_rows(self.array, stop)
+            self.array[self.n_flushed : stop] = block[:n_rows]
+            self.n_flushed = stop
+        # Copy the remainder so that the concatenated block can be freed.
+        rest = block[n_rows:].copy()
+        self._pending = [rest] if rest.shape[0] else []
+        self.n_pending = rest.shape[0]
+
 
 class FeatureStoreWriter:
     """Write a feature store in row blocks, then commit it atomically.
@@ -208,12 +263,24 @@ class FeatureStoreWriter:
     Use as a context manager: the store is moved into place with `complete=True` when the
     block exits without an exception, and the temporary file is removed otherwise.
 
+    The writer has two modes:
+
+    - Fixed size (this constructor with `n_rows` and `coords`): `write(start, rows)` fills
+      rows at any position, and every row must be written before the commit.
+    - Appending (`FeatureStoreWriter.appending(path, dim, attrs)`): `append(rows, coords)`
+      adds rows and their coords at the end of resizable datasets, and the store gets as many
+      rows as were appended. The caller needs to know neither N nor the coords in advance.
+      Rows are written as soon as a whole chunk of `features` (about 1 MiB as float32) is
+      filled, so the writer holds at most one chunk plus the last appended block.
+
     Args:
         path: destination `<slide_id>.h5` or `<slide_id>.zarr`.
-        n_rows: N, the number of tiles (rows of `features` and `coords`).
+        n_rows: N, the number of tiles (rows of `features` and `coords`); None for appending.
         dim: D, the embedding dimension.
-        coords: int [N, 2] level-0 (x, y), in the row order of the features.
-        attrs: store attributes (all coords attrs plus backbone, weights, ...).
+        coords: int [N, 2] level-0 (x, y), in the row order of the features; None for
+            appending.
+        attrs: store attributes (all coords attrs plus backbone, weights, ...); they are
+            written at the commit, so `update_attrs` may still change them.
         dtype: "float16" (default) or "float32".
         fmt: "h5" or "zarr"; defaults to the format given by the suffix of `path`.
     """
@@ -221,39 +288,91 @@ class FeatureStoreWriter:
     def __init__(
         self,
         path: Path,
-        n_rows: int,
+        n_rows: int | None,
         dim: int,
-        coords: np.ndarray,
+        coords: np.ndarray | None,
         attrs: Mapping[str, Any],
         dtype: str = "float16",
         fmt: StoreFormat | None = None,
     ) -> None:
         self.path = Path(path)
         self.fmt: StoreFormat = fmt or store_format(self.path)
-        self.n_rows = int(n_rows)
         self.dim = int(dim)
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.dtype("float16"), np.dtype("float32")):
             raise ValueError(f"{self.path}: feature dtype must be float16 or float32, got {dtype}")
-        self.coords = _check_coords(self.path, np.asarray(coords).reshape(-1, 2))
-        if self.coords.shape[0] != self.n_rows:
-            raise StoreFormatError(
-                f"{self.path}: {self.coords.shape[0]} coords for {self.n_rows} feature rows"
-            )
+        self.is_appending = n_rows is None
+        if n_rows is None:
+            if coords is not None:
+                raise ValueError(
+                    f"{self.path}: an appending writer takes the coords of each block in "
+                    "append(rows, coords); pass coords=None"
+                )
+            self.n_rows = 0
+            self.coords = np.empty((0, 2), dtype=np.int64)
+        else:
+            self.n_rows = int(n_rows)
+            if coords is None:
+                raise ValueError(f"{self.path}: a fixed-size writer needs the coords of all rows")
+            self.coords = _check_coords(self.path, np.asarray(coords).reshape(-1, 2))
+            if self.coords.shape[0] != self.n_rows:
+                raise StoreFormatError(
+                    f"{self.path}: {self.coords.shape[0]} coords for {self.n_rows} feature rows"
+                )
         self.attrs = dict(attrs)
         self.tmp = _tmp_path(self.path)
         self._written = np.zeros(self.n_rows, dtype=bool)
         self._handle: Any = None
         self._features: Any = None
+        self._feature_appender: _ChunkAppender | None = None
+        self._coords_appender: _ChunkAppender | None = None
+
+    @classmethod
+    def appending(
+        cls,
+        path: Path,
+        dim: int,
+        attrs: Mapping[str, Any],
+        dtype: str = "float16",
+        fmt: StoreFormat | None = None,
+    ) -> FeatureStoreWriter:
+        """Create a writer whose rows and coords are added with `append`; see the class."""
+        return cls(path, None, dim, None, attrs, dtype=dtype, fmt=fmt)
+
+    @property
+    def n_rows_written(self) -> int:
+        """Rows appended (or, for a fixed-size store, rows written) so far."""
+        if self._feature_appender is not None:
+            return self._feature_appender.n_flushed + self._feature_appender.n_pending
+        return int(self._written.sum())
+
+    @property
+    def n_rows_buffered(self) -> int:
+        """Appended feature rows held in memory, not yet written to the temporary store."""
+        return self._feature_appender.n_pending if self._feature_appender is not None else 0
+
+    def update_attrs(self, attrs: Mapping[str, Any]) -> None:
+        """Add or replace store attributes before the commit (e.g. counts known at the end)."""
+        self.attrs.update(attrs)
 
     def __enter__(self) -> FeatureStoreWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _remove(self.tmp)
-        chunk_rows = max(1, min(self.n_rows, max(1, 2**20 // max(1, self.dim * 4))))
         if self.fmt == "zarr":
             import zarr
 
             self._handle = zarr.open_group(str(self.tmp), mode="w")
+        else:
+            self._handle = h5py.File(self.tmp, "w")
+        if self.is_appending:
+            self._create_appendable()
+        else:
+            self._create_fixed()
+        return self
+
+    def _create_fixed(self) -> None:
+        chunk_rows = max(1, min(self.n_rows, _feature_chunk_rows(self.dim)))
+        if self.fmt == "zarr":
             self._features = self._handle.create_array(
                 "features", shape=(self.n_rows, self.dim), dtype=self.dtype,
                 chunks=(chunk_rows, self.dim),
@@ -262,33 +381,106 @@ class FeatureStoreWriter:
                 self.coords
             )
         else:
-            self._handle = h5py.File(self.tmp, "w")
             self._features = self._handle.create_dataset(
                 "features", shape=(self.n_rows, self.dim), dtype=self.dtype,
                 chunks=(chunk_rows, self.dim) if self.n_rows else None,
             )
             self._handle.create_dataset("coords", data=self.coords)
-        return self
 
-    def write(self, start: int, rows: np.ndarray) -> None:
-        """Write `rows` [n, D] at rows `start:start + n`; NaN or inf rows raise StoreFormatError."""
-        rows = np.asarray(rows)
-        if rows.ndim != 2 or rows.shape[1] != self.dim:
-            raise StoreFormatError(
-                f"{self.path}: rows of shape {rows.shape}, expected (n, {self.dim})"
+    def _create_appendable(self) -> None:
+        """Create empty `features` (0, D) and `coords` (0, 2) datasets that grow by rows."""
+        chunk_rows = _feature_chunk_rows(self.dim)
+        if self.fmt == "zarr":
+            features = self._handle.create_array(
+                "features", shape=(0, self.dim), dtype=self.dtype, chunks=(chunk_rows, self.dim)
             )
-        stop = start + rows.shape[0]
-        if start < 0 or stop > self.n_rows:
-            raise StoreFormatError(f"{self.path}: rows {start}:{stop} outside 0:{self.n_rows}")
+            coords = self._handle.create_array(
+                "coords", shape=(0, 2), dtype="int64", chunks=(COORDS_CHUNK_ROWS, 2)
+            )
+        else:
+            features = self._handle.create_dataset(
+                "features", shape=(0, self.dim), maxshape=(None, self.dim), dtype=self.dtype,
+                chunks=(chunk_rows, self.dim),
+            )
+            coords = self._handle.create_dataset(
+                "coords", shape=(0, 2), maxshape=(None, 2), dtype="int64",
+                chunks=(COORDS_CHUNK_ROWS, 2),
+            )
+        self._features = features
+        self._feature_appender = _ChunkAppender(features, chunk_rows)
+        self._coords_appender = _ChunkAppender(coords, COORDS_CHUNK_ROWS)
+
+    def _check_finite(self, first_row: int, rows: np.ndarray) -> None:
         bad = ~np.isfinite(rows).all(axis=1)
         if bad.any():
-            first = start + int(np.flatnonzero(bad)[0])
+            first = first_row + int(np.flatnonzero(bad)[0])
             raise StoreFormatError(
                 f"{self.path}: non-finite features in {int(bad.sum())} row(s), first at row "
                 f"{first}; check the backbone weights and --precision"
             )
+
+    def _check_shape(self, rows: np.ndarray) -> None:
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise StoreFormatError(
+                f"{self.path}: rows of shape {rows.shape}, expected (n, {self.dim})"
+            )
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        """Write `rows` [n, D] at rows `start:start + n`; NaN or inf rows raise StoreFormatError."""
+        if self.is_appending:
+            raise ValueError(f"{self.path}: this writer appends rows; use append(rows, coords)")
+        rows = np.asarray(rows)
+        self._check_shape(rows)
+        stop = start + rows.shape[0]
+        if start < 0 or stop > self.n_rows:
+            raise StoreFormatError(f"{self.path}: rows {start}:{stop} outside 0:{self.n_rows}")
+        self._check_finite(start, rows)
         self._features[start:stop] = rows.astype(self.dtype, copy=False)
         self._written[start:stop] = True
+
+    def append(self, rows: np.ndarray, coords: np.ndarray) -> None:
+        """Append `rows` [n, D] and their level-0 `coords` [n, 2] after the rows appended so far.
+
+        The rows are converted to the store dtype first, so values that overflow float16 are
+        rejected like NaN.
+
+        Raises:
+            StoreFormatError: Wrong shapes, different row counts, or NaN or inf rows.
+        """
+        if self._feature_appender is None or self._coords_appender is None:
+            raise ValueError(
+                f"{self.path}: append() needs an appending writer inside its `with` block"
+            )
+        stored = np.array(rows, dtype=self.dtype)  # a copy: the writer may hold it
+        self._check_shape(stored)
+        coords = _check_coords(self.path, np.array(coords, dtype=np.int64).reshape(-1, 2))
+        if coords.shape[0] != stored.shape[0]:
+            raise StoreFormatError(
+                f"{self.path}: {stored.shape[0]} feature rows but {coords.shape[0]} coords"
+            )
+        self._check_finite(self.n_rows_written, stored)
+        self._feature_appender.append(stored)
+        self._coords_appender.append(coords)
+
+    def _finish_rows(self) -> None:
+        """Write the rows still buffered and check that every row of the store is written."""
+        if self._feature_appender is not None and self._coords_appender is not None:
+            self._feature_appender.flush()
+            self._coords_appender.flush()
+            n_features = self._feature_appender.n_flushed
+            n_coords = self._coords_appender.n_flushed
+            if n_features != n_coords:
+                raise StoreFormatError(
+                    f"{self.path}: {n_features} feature rows but {n_coords} coords were "
+                    "appended; the store was not committed"
+                )
+            return
+        missing = np.flatnonzero(~self._written)
+        if missing.size:
+            raise StoreFormatError(
+                f"{self.path}: {missing.size} of {self.n_rows} feature rows were never "
+                f"written (first: row {int(missing[0])}); the store was not committed"
+            )
 
     def __exit__(
         self,
@@ -298,18 +490,16 @@ class FeatureStoreWriter:
     ) -> None:
         try:
             if exc_type is None:
-                missing = np.flatnonzero(~self._written)
-                if missing.size:
-                    raise StoreFormatError(
-                        f"{self.path}: {missing.size} of {self.n_rows} feature rows were never "
-                        f"written (first: row {int(missing[0])}); the store was not committed"
-                    )
+                self._finish_rows()
                 for key, value in self.attrs.items():
                     if key != "complete":
                         self._handle.attrs[key] = _clean_attr(value)
                 self._handle.attrs["embedding_dim"] = self.dim
                 self._handle.attrs["dtype"] = str(self.dtype)
                 self._handle.attrs["complete"] = True
+        except BaseException:
+            self.abort()
+            raise
         finally:
             if self.fmt == "h5" and self._handle is not None:
                 self._handle.close()

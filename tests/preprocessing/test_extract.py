@@ -655,18 +655,20 @@ def test_overwrite_redoes_complete_store(slide_path: Path, tmp_path: Path) -> No
     assert other_format.is_dir()
 
 
+@pytest.mark.parametrize("bad_value", [np.inf, np.nan, 1e5])
 def test_non_finite_features_not_written(
-    slide_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    slide_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad_value: float
 ) -> None:
-    _write_coords(tmp_path / "tiles", slide_path, "cmu", n_tiles=2)
-    real_embed_slide = extract.embed_slide
+    # 1e5 is finite in float32 but overflows the default float16 store to inf.
+    _write_coords(tmp_path / "tiles", slide_path, "cmu", n_tiles=6)
+    real_embed = TileEmbedder.embed
 
-    def embed_with_nan(*args: object, **kwargs: object) -> extract.SlideFeatures:
-        result = real_embed_slide(*args, **kwargs)  # type: ignore[arg-type]
-        result.features[1] = np.inf
-        return result
+    def embed_with_bad_row(self: TileEmbedder, tiles: torch.Tensor) -> torch.Tensor:
+        embeddings = real_embed(self, tiles).clone()
+        embeddings[-1, 0] = bad_value
+        return embeddings
 
-    monkeypatch.setattr(extract, "embed_slide", embed_with_nan)
+    monkeypatch.setattr(TileEmbedder, "embed", embed_with_bad_row)
 
     result = run_extraction(_config(tmp_path / "tiles", tmp_path / "features"))
 
@@ -674,7 +676,10 @@ def test_non_finite_features_not_written(
     row = read_rows(tmp_path / "features" / SMALL_MODEL, "extract")["cmu"]
     assert row.error_type == "backbone"
     assert "--dtype float32" in row.message
-    assert not (tmp_path / "features" / SMALL_MODEL / "cmu.h5").exists()
+    assert "batch that starts at row 0" in row.message
+    out_dir = tmp_path / "features" / SMALL_MODEL
+    assert not (out_dir / "cmu.h5").exists()
+    assert not list(out_dir.glob("cmu.h5.tmp-*"))
 
 
 def test_moved_slide_found_with_slides_option(slide_path: Path, tmp_path: Path) -> None:
