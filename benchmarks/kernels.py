@@ -7,7 +7,9 @@ Run from the repository root:
     .venv/bin/python benchmarks/kernels.py --json out.json    # also write the numbers as JSON
 
 Every case runs forward and backward (a weighted sum of the outputs, so every gradient is
-non-trivial) and reports the median wall time over `--repeats` runs after one warm-up run.
+non-trivial) and reports the median wall time over `--repeats` runs after one warm-up run; the
+forms of a case take turns within each repeat.
+
 The three forms compute the same result (checked before timing):
 
 - packed: the `mil.kernels` call on the whole pack.
@@ -18,6 +20,12 @@ The three forms compute the same result (checked before timing):
   model-side computation on the padded tensor, not building it.
 
 Bag lengths are uneven: log-normal draws (sigma 1) scaled to sum to `--tiles`, seeded.
+
+The pooling cases also report a memory floor: the time of the memory traffic that any form of
+the computation needs, whatever its loop structure. Attention pooling and max read the [T, D]
+values in the forward, read them again and write their gradient in the backward; the mean
+reads them once and writes the gradient. `loop / floor` is therefore the largest speed-up
+over the loop that any packed kernel could reach on this machine.
 """
 
 from __future__ import annotations
@@ -56,10 +64,17 @@ class CaseResult:
     packed_ms: float
     loop_ms: float | None
     padded_ms: float | None
+    floor_ms: float | None = None
 
     @property
     def loop_ratio(self) -> float | None:
         return None if self.loop_ms is None else self.loop_ms / self.packed_ms
+
+    @property
+    def floor_ratio(self) -> float | None:
+        if self.loop_ms is None or self.floor_ms is None:
+            return None
+        return self.loop_ms / self.floor_ms
 
     @property
     def padded_ratio(self) -> float | None:
@@ -75,15 +90,32 @@ def bag_lengths(total: int, bags: int, seed: int) -> list[int]:
     return lengths
 
 
-def time_ms(step: Callable[[], None], repeats: int) -> float:
-    """Median wall time of `step` in milliseconds after one warm-up call."""
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def measure(
+    case: str,
+    repeats: int,
+    packed: Callable[[], None],
+    loop: Callable[[], None] | None = None,
+    padded: Callable[[], None] | None = None,
+    floor: Callable[[], None] | None = None,
+) -> CaseResult:
+    """Median wall times in milliseconds, after one warm-up call of each form.
+
+    The forms take turns within every repeat, so a change in machine load during the run
+    touches all of them alike and the ratios stay comparable.
+    """
+    steps = {"packed": packed, "loop": loop, "padded": padded, "floor": floor}
+    active = {name: step for name, step in steps.items() if step is not None}
+    times: dict[str, list[float]] = {name: [] for name in active}
+    for step in active.values():
         step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for name, step in active.items():
+            start = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return CaseResult(case=case, packed_ms=medians["packed"], loop_ms=medians.get("loop"),
+                      padded_ms=medians.get("padded"), floor_ms=medians.get("floor"))
 
 
 def forward_backward(
@@ -93,6 +125,20 @@ def forward_backward(
         for tensor in inputs:
             tensor.grad = None
         (compute() * weight).sum().backward()
+
+    return step
+
+
+def memory_floor(total: int, dim: int, reads: int) -> Callable[[], None]:
+    """Return a step that reads a [total, dim] float32 tensor `reads` (>= 1) times and writes
+    one tensor of that size."""
+    values = torch.randn(total, dim)
+    out = torch.empty_like(values)
+
+    def step() -> None:
+        for _ in range(reads - 1):
+            values.sum(0)
+        torch.mul(values, 2.0, out=out)  # the last read and the one write
 
     return step
 
@@ -140,13 +186,12 @@ def bench_attention_pool(lengths: list[int], dim: int, branches: int, repeats: i
         return attention_weights.transpose(1, 2) @ padded_values  # [B, K, D]
 
     check_close("attention pool", packed(), loop())
-    return CaseResult(
-        case=f"attention pool K={branches}",
-        packed_ms=time_ms(forward_backward(packed, [values, scores], weight), repeats),
-        loop_ms=time_ms(forward_backward(loop, [values, scores], weight), repeats),
-        padded_ms=time_ms(
-            forward_backward(padded, [padded_values, padded_scores], weight), repeats
-        ),
+    return measure(
+        f"attention pool K={branches}", repeats,
+        packed=forward_backward(packed, [values, scores], weight),
+        loop=forward_backward(loop, [values, scores], weight),
+        padded=forward_backward(padded, [padded_values, padded_scores], weight),
+        floor=memory_floor(total, dim, 2),
     )
 
 
@@ -173,11 +218,12 @@ def bench_reduce(lengths: list[int], dim: int, reduce: str, repeats: int) -> Cas
         return padded_values.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
 
     check_close(f"segment_reduce {reduce}", packed(), loop())
-    return CaseResult(
-        case=f"segment_reduce {reduce}",
-        packed_ms=time_ms(forward_backward(packed, [values], weight), repeats),
-        loop_ms=time_ms(forward_backward(loop, [values], weight), repeats),
-        padded_ms=time_ms(forward_backward(padded, [padded_values], weight), repeats),
+    return measure(
+        f"segment_reduce {reduce}", repeats,
+        packed=forward_backward(packed, [values], weight),
+        loop=forward_backward(loop, [values], weight),
+        padded=forward_backward(padded, [padded_values], weight),
+        floor=memory_floor(sum(lengths), dim, 1 if reduce == "mean" else 2),
     )
 
 
@@ -203,11 +249,10 @@ def bench_softmax_attention(
         out = F.scaled_dot_product_attention(pq, pk, pv, attn_mask=mask[:, None, None, :])
         return out.transpose(1, 2)  # [B, L, H, Dh]
 
-    return CaseResult(
-        case=f"softmax attention H={heads} Dh={head_dim}",
-        packed_ms=time_ms(forward_backward(packed, [q, k, v], weight), repeats),
-        loop_ms=None,
-        padded_ms=time_ms(forward_backward(padded, padded_qkv, padded_weight), repeats),
+    return measure(
+        f"softmax attention H={heads} Dh={head_dim}", repeats,
+        packed=forward_backward(packed, [q, k, v], weight),
+        padded=forward_backward(padded, padded_qkv, padded_weight),
     )
 
 
@@ -232,11 +277,10 @@ def bench_nystrom(
         return torch.cat(outputs)
 
     check_close("nystrom", packed(), loop())
-    return CaseResult(
-        case=f"nystrom attention m={landmarks}",
-        packed_ms=time_ms(forward_backward(packed, [q, k, v], weight), repeats),
-        loop_ms=time_ms(forward_backward(loop, [q, k, v], weight), repeats),
-        padded_ms=None,
+    return measure(
+        f"nystrom attention m={landmarks}", repeats,
+        packed=forward_backward(packed, [q, k, v], weight),
+        loop=forward_backward(loop, [q, k, v], weight),
     )
 
 
@@ -245,13 +289,15 @@ def format_table(results: list[CaseResult]) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}{suffix}"
 
     lines = [
-        "| case | packed ms | per-bag loop ms | padded ms | loop / packed | padded / packed |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| case | packed ms | per-bag loop ms | padded ms | memory floor ms | loop / packed "
+        "| padded / packed | loop / floor |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r.case} | {cell(r.packed_ms)} | {cell(r.loop_ms)} | {cell(r.padded_ms)} | "
-            f"{cell(r.loop_ratio, 2, 'x')} | {cell(r.padded_ratio, 2, 'x')} |"
+            f"{cell(r.floor_ms)} | {cell(r.loop_ratio, 2, 'x')} | "
+            f"{cell(r.padded_ratio, 2, 'x')} | {cell(r.floor_ratio, 2, 'x')} |"
         )
     return "\n".join(lines)
 
@@ -325,7 +371,9 @@ def main() -> None:
     print(format_table(results))
     if args.json is not None:
         rows = [
-            asdict(r) | {"loop_ratio": r.loop_ratio, "padded_ratio": r.padded_ratio}
+            asdict(r)
+            | {"loop_ratio": r.loop_ratio, "padded_ratio": r.padded_ratio,
+               "floor_ratio": r.floor_ratio}
             for r in results
         ]
         args.json.write_text(json.dumps({"header": header, "results": rows}, indent=2))

@@ -3,7 +3,8 @@
 Every function takes a pack of T rows (several bags back to back, then padding) and a `Segments`
 describing the bags. The work is done on the valid rows only, so padding never reaches an
 output: softmax statistics with `scatter_reduce`/`index_add_` for all bags at once, weighted sums
-as dense matrix products over chunks of up to 64 bag columns. No Python loop runs per bag.
+and maxima over chunks of consecutive bags: short bags share one dense product, a long bag is
+one product on its own rows.
 """
 
 from __future__ import annotations
@@ -125,27 +126,42 @@ def segment_attention_pool(
 
 
 # The weighted sum runs as dense matrix products over chunks of consecutive bags. Each chunk of
-# rows gets a [rows, bags * K] matrix holding each weight in its bag's column, so the zeros cost
-# at most rows * DENSE_COLUMNS_MAX * D multiply-adds. Matrix products were much faster than
-# index_add_ here: on a shared 2-core CPU at 100k rows, D = 512 and 16 bags, the dense forward
-# took 0.03 s and an index_add_ forward 0.25 s. The limit of 64 columns is an estimate from
-# that ratio, not a measured crossover.
+# rows gets a [rows, bags * K] matrix holding each weight in its bag's column, so a chunk of c
+# bags spends c times the multiply-adds of its rows. Short bags share a chunk, because one
+# product per bag would cost more in call overhead than the zeros do. A long bag gets a chunk of
+# its own, where the product is exactly the per-bag one.
+# A bag of n rows joins the chunk before it (R rows, c bags) while the extra work, R + n * c rows,
+# stays under CHUNK_OVERHEAD_ROWS (the cost of one more product, counted in rows) and the chunk
+# stays within DENSE_COLUMNS_MAX columns. Both values are estimates from a 2-core CPU: at 100k
+# rows, D = 512 and 16 bags, forward and backward took 104 ms with one chunk per bag and 153 ms
+# with one chunk of 16; at 1024 bags, chunks of several bags were as fast as one bag per chunk
+# or faster.
 DENSE_COLUMNS_MAX = 64
+CHUNK_OVERHEAD_ROWS = 256
 
 
 def _bag_chunks(lengths: tuple[int, ...], num_branches: int) -> list[tuple[int, int, int, int]]:
-    """Split bags into runs of at most DENSE_COLUMNS_MAX // K bags (at least one bag each).
+    """Group consecutive bags into chunks for the dense products (see CHUNK_OVERHEAD_ROWS).
 
     Returns:
-        (first row, end row, first bag, end bag) per chunk, as Python ints.
+        (first row, end row, first bag, end bag) per chunk, as Python ints; every chunk holds at
+        least one bag.
     """
     bags_per_chunk = max(1, DENSE_COLUMNS_MAX // max(num_branches, 1))
     chunks = []
-    row = 0
-    for first in range(0, len(lengths), bags_per_chunk):
-        rows = sum(lengths[first : first + bags_per_chunk])
-        chunks.append((row, row + rows, first, min(first + bags_per_chunk, len(lengths))))
-        row += rows
+    row = bag = 0
+    chunk_rows = chunk_bags = 0
+    for index, n_rows in enumerate(lengths):
+        fits = (chunk_bags < bags_per_chunk
+                and chunk_rows + n_rows * chunk_bags < CHUNK_OVERHEAD_ROWS)
+        if chunk_bags and not fits:
+            chunks.append((row, row + chunk_rows, bag, index))
+            row, bag = row + chunk_rows, index
+            chunk_rows = chunk_bags = 0
+        chunk_rows += n_rows
+        chunk_bags += 1
+    if chunk_bags:
+        chunks.append((row, row + chunk_rows, bag, len(lengths)))
     return chunks
 
 
@@ -165,8 +181,9 @@ def _columns(local_ids: torch.Tensor, num_branches: int) -> torch.Tensor:
 class _WeightedSegmentSum(torch.autograd.Function):
     """pooled[b, k] = sum over rows t of bag b of weights[t, k] * values[t], with its gradient.
 
-    Forward and backward loop over chunks of bags (see `_bag_chunks`), never over single bags.
-    Chunk bounds are Python ints, so the loop does not synchronise with the device.
+    Forward and backward loop over chunks of bags (see `_bag_chunks`): short bags share a
+    chunk, long bags have one each. Chunk bounds are Python ints, so the loop does not
+    synchronise with the device.
     """
 
     @staticmethod
@@ -209,6 +226,55 @@ class _WeightedSegmentSum(torch.autograd.Function):
         return grad_values, grad_weights, None, None
 
 
+class _SegmentMax(torch.autograd.Function):
+    """out[b] = max over the rows of bag b of values, per column; 0 for an empty bag.
+
+    The gradient of each maximum is split evenly between the rows that reach it. Chunks of bags
+    as in `_WeightedSegmentSum`: a long bag is reduced on its own rows, short bags together.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, values: torch.Tensor, ids: torch.Tensor, lengths: tuple[int, ...]
+    ) -> torch.Tensor:
+        out = values.new_zeros((len(lengths), values.shape[1]))
+        for row, row_end, bag, bag_end in _bag_chunks(lengths, 1):
+            if row == row_end:
+                continue
+            if bag_end - bag == 1:
+                out[bag] = values[row:row_end].amax(0)
+            else:
+                index = (ids[row:row_end] - bag).unsqueeze(1).expand(-1, values.shape[1])
+                out[bag:bag_end] = out[bag:bag_end].scatter_reduce(
+                    0, index, values[row:row_end], reduce="amax", include_self=False)
+        ctx.save_for_backward(values, ids, out)
+        ctx.lengths = lengths
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        values, ids, out = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        grad_values = torch.empty_like(values)
+        for row, row_end, bag, bag_end in _bag_chunks(ctx.lengths, 1):
+            if row == row_end:
+                continue
+            rows = values[row:row_end]
+            if bag_end - bag == 1:
+                hits = rows == out[bag]
+                share = grad_out[bag] / hits.sum(0).clamp_(min=1)
+                torch.mul(hits, share, out=grad_values[row:row_end])
+            else:
+                local = ids[row:row_end] - bag
+                hits = rows == out[bag:bag_end].index_select(0, local)
+                counts = out.new_zeros((bag_end - bag, values.shape[1])).index_add_(
+                    0, local, hits.to(values.dtype))
+                share = grad_out[bag:bag_end] / counts.clamp_(min=1)
+                torch.mul(hits, share.index_select(0, local), out=grad_values[row:row_end])
+        return grad_values, None, None
+
+
 def weighted_segment_sum(
     values: torch.Tensor, weights: torch.Tensor, segments: Segments
 ) -> torch.Tensor:
@@ -248,11 +314,11 @@ def segment_reduce(
     flat = _valid_rows(values, segments).reshape(segments.num_valid, features)  # [n, F]
 
     if reduce == "max":
-        index = ids.unsqueeze(1).expand_as(flat)
-        # include_self=False leaves empty bags at the buffer's 0 instead of -inf.
-        out = flat.new_zeros((num_bags, flat.shape[1])).scatter_reduce(
-            0, index, flat, reduce="amax", include_self=False
-        )
+        if not flat.is_floating_point():
+            out = flat.new_zeros((num_bags, flat.shape[1])).scatter_reduce(
+                0, ids.unsqueeze(1).expand_as(flat), flat, reduce="amax", include_self=False)
+            return out.view(num_bags, *feature_shape)
+        out = _SegmentMax.apply(flat, ids, segments.lengths)
         return out.view(num_bags, *feature_shape)
 
     if flat.dtype == torch.bool:

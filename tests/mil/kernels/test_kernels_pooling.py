@@ -16,11 +16,15 @@ from mil.kernels import (
 PACKS = ["mixed", "uneven", "single", "ones"]
 
 
-@pytest.fixture(autouse=True, params=[64, 3, 1])
+@pytest.fixture(autouse=True, params=[(64, 10**9), (64, 256), (3, 10**9), (1, 10**9)],
+                ids=["one-chunk", "by-length", "three-bags", "one-bag"])
 def dense_columns(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
-    """Run every test with one chunk of bags, chunks of a few bags, and one bag per chunk."""
-    monkeypatch.setattr(pooling, "DENSE_COLUMNS_MAX", request.param)
-    return int(request.param)
+    """Run every test with one chunk for all bags, chunks grouped by bag length, chunks of at
+    most three bags, and one bag per chunk."""
+    columns, overhead_rows = request.param
+    monkeypatch.setattr(pooling, "DENSE_COLUMNS_MAX", columns)
+    monkeypatch.setattr(pooling, "CHUNK_OVERHEAD_ROWS", overhead_rows)
+    return int(columns)
 
 
 def dense_pool(values: torch.Tensor, scores: torch.Tensor, segments: Segments) -> torch.Tensor:
@@ -310,6 +314,25 @@ def test_reduce_max_gradient_goes_to_argmax() -> None:
 
     assert values.grad is not None
     assert values.grad.flatten().tolist() == [0.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+
+
+def test_reduce_max_gradient_split_between_ties() -> None:
+    segments = Segments.from_lengths([3, 0, 4], total=8)
+    values = torch.tensor(
+        [[4.0, 1.0], [4.0, 2.0], [0.0, 2.0], [1.0, 6.0], [8.0, 6.0], [8.0, 6.0], [8.0, 0.0],
+         [99.0, 99.0]],
+        requires_grad=True,
+    )
+
+    out = segment_reduce(values, segments, reduce="max")
+    (out * torch.tensor([[1.0, 2.0], [5.0, 5.0], [3.0, 6.0]])).sum().backward()
+
+    assert out.tolist() == [[4.0, 2.0], [0.0, 0.0], [8.0, 6.0]]
+    assert values.grad is not None
+    assert values.grad.tolist() == [
+        [0.5, 0.0], [0.5, 1.0], [0.0, 1.0], [0.0, 2.0], [1.0, 2.0], [1.0, 2.0], [1.0, 0.0],
+        [0.0, 0.0],
+    ]
 
 
 def test_reduce_integer_and_bool_values() -> None:
