@@ -23,9 +23,9 @@ Bag lengths are uneven: log-normal draws (sigma 1) scaled to sum to `--tiles`, s
 
 The pooling cases also report a memory floor: the time of the memory traffic that any form of
 the computation needs, whatever its loop structure. Attention pooling and max read the [T, D]
-values in the forward, read them again and write their gradient in the backward; the mean
-reads them once and writes the gradient. `loop / floor` is therefore the largest speed-up
-over the loop that any packed kernel could reach on this machine.
+values in the forward, read them again and write their gradient, a new tensor, in the
+backward. The mean reads them once and writes the gradient. `loop / floor` is therefore the
+largest speed-up over the loop that any packed kernel could reach on this machine.
 """
 
 from __future__ import annotations
@@ -131,14 +131,17 @@ def forward_backward(
 
 def memory_floor(total: int, dim: int, reads: int) -> Callable[[], None]:
     """Return a step that reads a [total, dim] float32 tensor `reads` (>= 1) times and writes
-    one tensor of that size."""
+    a new tensor of that size.
+
+    The write goes to a newly allocated tensor, as a gradient does: on Linux the first touch of
+    a large allocation costs page faults that a reused buffer would not pay.
+    """
     values = torch.randn(total, dim)
-    out = torch.empty_like(values)
 
     def step() -> None:
         for _ in range(reads - 1):
             values.sum(0)
-        torch.mul(values, 2.0, out=out)  # the last read and the one write
+        torch.mul(values, 2.0)  # the last read and the one write
 
     return step
 

@@ -5,9 +5,10 @@ The same model, data, optimizer and number of epochs are trained three ways:
 - `one_bag`: one whole slide per optimizer step, as the CLAM and ACMIL training loops do;
 - `packed`: slidemil's packed loader with every tile of every bag (no cap, no residual split),
   several bags per step, so only the batching differs from `one_bag`;
-- `packmil`: the PackMIL recipe (main parts capped at `--max-tiles-per-bag`, residual parts
-  merged into hyperslides with soft labels and a loss weight of 0.1), which also trains on
-  fewer tile rows per epoch.
+- `packmil`: the PackMIL recipe (each epoch a fresh random draw of every bag: main parts
+  capped at `--max-tiles-per-bag` tiles, residual parts merged into hyperslides with soft
+  labels and a loss weight of 0.1) in packs of `--packmil-pack-len` rows, which trains on
+  fewer tile rows per epoch. Validation always reads every tile of every bag.
 
 Data: synthetic bags whose lengths are log-uniform between 200 and 20,000 tiles, D = 1024
 float16 features written to feature stores and held in memory (BagDataset cache) by every
@@ -16,7 +17,7 @@ Reported: seconds per epoch (median over epochs after the first, which also fill
 the ratio to `one_bag`, and validation AUROC and balanced accuracy after the last epoch.
 
 Run:
-    python benchmarks/train_speed.py              # 48 training + 24 validation bags, 3 epochs
+    python benchmarks/train_speed.py              # 48 training + 64 validation bags, 10 epochs
     python benchmarks/train_speed.py --quick      # 16 + 8 bags, 2 epochs
 """
 
@@ -98,7 +99,7 @@ def run_mode(mode: str, train: BagDataset, val: BagDataset, args: argparse.Names
         packing = PackingConfig(pack_len=args.pack_len, main_fraction=1.0,
                                 max_tiles_per_bag=None)
     elif mode == "packmil":
-        packing = PackingConfig(pack_len=args.pack_len, main_fraction=0.8,
+        packing = PackingConfig(pack_len=args.packmil_pack_len, main_fraction=0.8,
                                 max_tiles_per_bag=args.max_tiles_per_bag)
 
     seconds, rows_trained = [], []
@@ -118,7 +119,8 @@ def run_mode(mode: str, train: BagDataset, val: BagDataset, args: argparse.Names
     loader = build_eval_loader(val, args.pack_len)
     predictions = predict_bags(model, loader, device=device, keep_attention=False)
     assert predictions.labels is not None
-    report = evaluate_predictions(predictions.labels, predictions.probs, context=mode)
+    report = evaluate_predictions(predictions.labels, predictions.probs, context=mode,
+                                  n_bootstrap=1000, seed=args.seed)
     timed = seconds[1:] if len(seconds) > 1 else seconds
     return {
         "seconds_per_epoch": statistics.median(timed),
@@ -126,23 +128,29 @@ def run_mode(mode: str, train: BagDataset, val: BagDataset, args: argparse.Names
         "tile_rows_per_epoch": (int(np.mean(rows_trained)) if rows_trained
                                 else int(train.lengths.sum())),
         "val_auroc": report.metrics["auroc"],
+        "val_auroc_ci": report.ci95.get("auroc", (float("nan"), float("nan"))),
         "val_balanced_accuracy": report.metrics["balanced_accuracy"],
+        "val_balanced_accuracy_ci": report.ci95.get("balanced_accuracy",
+                                                    (float("nan"), float("nan"))),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-bags", type=int, default=48)
-    parser.add_argument("--val-bags", type=int, default=24)
+    parser.add_argument("--val-bags", type=int, default=64)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--min-tiles", type=int, default=200)
     parser.add_argument("--max-tiles", type=int, default=20000)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--model", default="abmil")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--pack-len", type=int, default=20480,
-                        help="tiles per pack; at least --max-tiles so `packed` keeps every tile")
-    parser.add_argument("--max-tiles-per-bag", type=int, default=4096,
+                        help="tiles per pack of the `packed` mode; at least --max-tiles so it "
+                             "keeps every tile")
+    parser.add_argument("--packmil-pack-len", type=int, default=1024,
+                        help="tiles per pack of the `packmil` mode")
+    parser.add_argument("--max-tiles-per-bag", type=int, default=512,
                         help="cap on a main part or hyperslide in the `packmil` mode")
     parser.add_argument("--positive-fraction", type=float, default=0.05)
     parser.add_argument("--shift", type=float, default=3.0)
@@ -173,14 +181,17 @@ def main(argv: list[str] | None = None) -> None:
           f"log-uniform {args.min_tiles}..{args.max_tiles}), D = {args.dim}, {args.epochs} "
           f"epochs, {args.threads} CPU thread(s), {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {datetime.now(UTC):%Y-%m-%d}\n")
-    print("| mode | s / epoch | speed-up vs one_bag | tile rows / epoch | val AUROC | "
-          "val balanced acc. |")
+    print("| mode | s / epoch | speed-up vs one_bag | tile rows / epoch | val AUROC (95% CI) | "
+          "val balanced acc. (95% CI) |")
     print("|---|---|---|---|---|---|")
     for mode, result in results.items():
         ratio = baseline / result["seconds_per_epoch"] if baseline else float("nan")
-        print(f"| {mode} | {result['seconds_per_epoch']:.1f} | {ratio:.2f}x | "
-              f"{result['tile_rows_per_epoch']} | {result['val_auroc']:.3f} | "
-              f"{result['val_balanced_accuracy']:.3f} |")
+        low, high = result["val_auroc_ci"]
+        acc_low, acc_high = result["val_balanced_accuracy_ci"]
+        print(f"| {mode} | {result['seconds_per_epoch']:.2f} | {ratio:.2f}x | "
+              f"{result['tile_rows_per_epoch']} | {result['val_auroc']:.3f} "
+              f"({low:.3f}-{high:.3f}) | {result['val_balanced_accuracy']:.3f} "
+              f"({acc_low:.3f}-{acc_high:.3f}) |")
 
 
 if __name__ == "__main__":

@@ -167,6 +167,8 @@ def _bag_chunks(lengths: tuple[int, ...], num_branches: int) -> list[tuple[int, 
 
 def _place_weights(weights: torch.Tensor, local_ids: torch.Tensor, num_bags: int) -> torch.Tensor:
     """Spread weights [n, K] into [n, bags * K]: row t keeps its K weights in its bag's columns."""
+    if num_bags == 1:
+        return weights
     num_branches = weights.shape[1]
     placed = weights.new_zeros((weights.shape[0], num_bags * num_branches))
     return placed.scatter_(1, _columns(local_ids, num_branches), weights)
@@ -222,7 +224,11 @@ class _WeightedSegmentSum(torch.autograd.Function):
                 grad_values[row:row_end] = placed @ flat_grad
             if grad_weights is not None:
                 per_column = values[row:row_end] @ flat_grad.T  # [rows, bags * K]
-                grad_weights[row:row_end] = per_column.gather(1, _columns(local_ids, num_branches))
+                if bag_end - bag == 1:
+                    grad_weights[row:row_end] = per_column
+                else:
+                    grad_weights[row:row_end] = per_column.gather(
+                        1, _columns(local_ids, num_branches))
         return grad_values, grad_weights, None, None
 
 
