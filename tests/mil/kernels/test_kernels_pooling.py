@@ -306,6 +306,34 @@ def test_many_bags_match_per_bag() -> None:
         torch.testing.assert_close(packed, dense)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_long_and_short_bags_match_per_bag(seed: int) -> None:
+    """Runs of short bags between long ones: chunks of several bags next to one-bag chunks."""
+    generator = torch.Generator().manual_seed(seed)
+    short = torch.randint(0, 30, (60,), generator=generator).tolist()
+    long = torch.randint(200, 700, (6,), generator=generator).tolist()
+    lengths = [int(n) for n in short[:20] + long[:3] + short[20:40] + long[3:] + short[40:]]
+    segments = Segments.from_lengths(lengths, total=sum(lengths) + 5)
+    values = torch.randn(segments.total, 3, dtype=torch.float64, requires_grad=True)
+    scores = torch.randn(segments.total, 2, dtype=torch.float64, requires_grad=True)
+
+    pooled, _ = segment_attention_pool(values, scores, segments)
+    maxima = segment_reduce(values, segments, reduce="max")
+    packed_grads = torch.autograd.grad(pooled.sum() + maxima.sum(), (values, scores))
+
+    nonempty = [b for b, n in enumerate(lengths) if n > 0]
+    expected = dense_pool(values, scores, segments)
+    expected_maxima = torch.stack([
+        values[rows].amax(0) if rows.stop > rows.start else values.new_zeros(3)
+        for rows in bag_slices(segments)
+    ])
+    dense_grads = torch.autograd.grad(expected.sum() + expected_maxima.sum(), (values, scores))
+    torch.testing.assert_close(pooled[nonempty], expected[nonempty])
+    torch.testing.assert_close(maxima, expected_maxima)
+    for packed, dense in zip(packed_grads, dense_grads, strict=True):
+        torch.testing.assert_close(packed, dense)
+
+
 def test_reduce_max_gradient_goes_to_argmax() -> None:
     segments = Segments.from_lengths([3, 2], total=6)
     values = torch.tensor([[1.0], [5.0], [2.0], [7.0], [3.0], [9.0]], requires_grad=True)
