@@ -692,16 +692,17 @@ def stream_slide_features(
 def _check_rows_ascending(grid: TileGrid, rows: np.ndarray, previous_row: int) -> int:
     """Check that a batch continues the coords order; returns its last row.
 
-    Rows are appended to the store as they come, so a batch out of order would misplace
-    features. The ordered DataLoader never yields one; this guards that assumption.
+    Rows are appended to the store as they come, so a batch out of order would leave the
+    store's rows out of the coords store's order. The DataLoader (shuffle=False) yields
+    batches in order, and this check guards that assumption.
     """
     if rows.size == 0:
         return previous_row
     if rows[0] <= previous_row or (rows.size > 1 and bool((np.diff(rows) <= 0).any())):
         raise RuntimeError(
             f"{grid.slide_id}: tile batch with rows {rows[0]}..{rows[-1]} arrived after row "
-            f"{previous_row}; batches must follow the coords order (a DataLoader with "
-            "shuffle=False and in_order=True)."
+            f"{previous_row}, but batches must follow the coords order. This is a bug in "
+            "slidemil: the tile DataLoader must use shuffle=False and in_order=True."
         )
     return int(rows[-1])
 
@@ -749,8 +750,8 @@ def embed_slide(
 ) -> SlideFeatures:
     """Read and embed every tile of one slide and return all features in memory.
 
-    This holds N x D values at once. The stage itself streams batches to the store with
-    :func:`stream_slide_features`; this function suits small grids, tests and benchmarks.
+    All N x D values stay in memory, so this suits small grids, tests and benchmarks. The
+    stage itself streams batches to the store with :func:`stream_slide_features`.
     Failed tiles are left out, never zero-filled.
 
     Raises:
@@ -1145,7 +1146,11 @@ def write_feature_store(
     attrs: dict[str, Any],
     cfg: ExtractConfig,
 ) -> None:
-    """Write one slide's features [N, D] and coords [N, 2] atomically in row blocks."""
+    """Write one slide's features [N, D] and coords [N, 2], already in memory, atomically.
+
+    The stage does not use this: it appends each batch as it is computed (see
+    :func:`stream_slide_features`).
+    """
     n_rows, dim = features.shape
     with FeatureStoreWriter(
         path, n_rows, dim, coords, attrs, dtype=cfg.dtype, fmt=cfg.format
@@ -1226,7 +1231,9 @@ def run_extraction(cfg: ExtractConfig) -> StageResult:
 
 __all__ = [
     "ExtractConfig",
+    "FeatureSink",
     "SlideFeatures",
+    "StreamedSlide",
     "TileBatch",
     "TileDataset",
     "TileEmbedder",
@@ -1238,6 +1245,8 @@ __all__ = [
     "resolve_autocast_dtype",
     "resolve_device",
     "run_extraction",
+    "stream_slide_features",
     "tile_grid_from_store",
+    "tile_progress",
     "write_feature_store",
 ]

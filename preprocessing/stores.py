@@ -223,7 +223,7 @@ class _ChunkAppender:
 
     Rows wait in memory until at least one chunk of `chunk_rows` rows is filled, so every chunk
     is written once (a zarr chunk written in parts is decompressed and compressed again each
-    time). At most one chunk plus the last appended block is held.
+    time). Between calls, fewer than `chunk_rows` rows stay in memory.
     """
 
     def __init__(self, array: Any, chunk_rows: int) -> None:
@@ -271,7 +271,7 @@ class FeatureStoreWriter:
       adds rows and their coords at the end of resizable datasets, and the store gets as many
       rows as were appended. The caller needs to know neither N nor the coords in advance.
       Rows are written as soon as a whole chunk of `features` (about 1 MiB as float32) is
-      filled, so the writer holds at most one chunk plus the last appended block.
+      filled, so between calls the writer keeps less than one chunk of rows in memory.
 
     Args:
         path: destination `<slide_id>.h5` or `<slide_id>.zarr`.
@@ -451,7 +451,9 @@ class FeatureStoreWriter:
             raise ValueError(
                 f"{self.path}: append() needs an appending writer inside its `with` block"
             )
-        stored = np.array(rows, dtype=self.dtype)  # a copy: the writer may hold it
+        # A copy, because the writer may hold it; float16 overflow shows up as inf below.
+        with np.errstate(over="ignore"):
+            stored = np.array(rows, dtype=self.dtype)
         self._check_shape(stored)
         coords = _check_coords(self.path, np.array(coords, dtype=np.int64).reshape(-1, 2))
         if coords.shape[0] != stored.shape[0]:

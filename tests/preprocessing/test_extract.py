@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import logging
 import os
 import pickle
 import signal
@@ -9,6 +12,9 @@ import subprocess
 import sys
 import textwrap
 import time
+import tracemalloc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -16,9 +22,11 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
+from rich.console import Console
+from rich.logging import RichHandler
 
 from preprocessing import extract
-from preprocessing.backbones import create_backbone, get_backbone_preset
+from preprocessing.backbones import Backbone, create_backbone, get_backbone_preset
 from preprocessing.errors import BackboneError, ConfigError, TileReadError
 from preprocessing.extract import (
     ExtractConfig,
@@ -28,10 +36,19 @@ from preprocessing.extract import (
     collate_tiles,
     embed_slide,
     run_extraction,
+    stream_slide_features,
+    tile_progress,
 )
-from preprocessing.jobs import read_rows
+from preprocessing.inputs import SlideInput
+from preprocessing.jobs import SlideOutcome, read_rows, run_slides
 from preprocessing.slide import Slide, open_slide
-from preprocessing.stores import is_complete_store, open_feature_store, write_coords_store
+from preprocessing.stores import (
+    FeatureStoreWriter,
+    is_complete_store,
+    open_feature_store,
+    read_coords_store,
+    write_coords_store,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SLIDE_NAME = "cmu-1-small-region.svs"
@@ -377,19 +394,23 @@ def test_collate_leaves_failed_tiles_out() -> None:
     assert int(batch.tiles.min()) == 7
 
 
+@pytest.mark.parametrize("store_format", ["h5", "zarr"])
 def test_corrupt_tile_skipped_and_counted(
-    slide_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    slide_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_format: str
 ) -> None:
+    # Batches of 4 over 10 tiles: the corrupt tile (row 5) is in the middle of the second.
     coords_dir = tmp_path / "tiles"
-    _write_coords(coords_dir, slide_path, "cmu", n_tiles=6)
+    _write_coords(coords_dir, slide_path, "cmu", n_tiles=10)
     checkpoint = tmp_path / "small.pt"
     torch.save(create_backbone(SMALL_MODEL, weights="random").model.state_dict(), checkpoint)
-    clean_cfg = _config(coords_dir, tmp_path / "clean", weights=str(checkpoint))
+    clean_cfg = _config(
+        coords_dir, tmp_path / "clean", weights=str(checkpoint), format=store_format
+    )
     run_extraction(clean_cfg)
-    with open_feature_store(tmp_path / "clean" / SMALL_MODEL / "cmu.h5") as store:
+    with open_feature_store(tmp_path / "clean" / SMALL_MODEL / f"cmu.{store_format}") as store:
         clean_features = store.read_features()
         clean_coords = store.coords
-    bad_x, bad_y = (int(value) for value in clean_coords[2])
+    bad_x, bad_y = (int(value) for value in clean_coords[5])
     read_tile = Slide.read_tile
 
     def read_tile_failing_once(
@@ -407,12 +428,13 @@ def test_corrupt_tile_skipped_and_counted(
     )
 
     assert result.n_ok == 1
-    with open_feature_store(tmp_path / "damaged" / SMALL_MODEL / "cmu.h5") as store:
+    damaged_path = tmp_path / "damaged" / SMALL_MODEL / f"cmu.{store_format}"
+    with open_feature_store(damaged_path) as store:
         features = store.read_features()
         coords = store.coords
         attrs = store.attrs
-    keep = [0, 1, 3, 4, 5]
-    assert features.shape[0] == 5
+    keep = [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    assert features.shape[0] == 9
     np.testing.assert_array_equal(coords, clean_coords[keep])
     np.testing.assert_array_equal(features, clean_features[keep])
     assert attrs["n_failed_tiles"] == 1
@@ -529,6 +551,180 @@ def test_cuda_bf16_close_to_fp32(slide_path: Path, tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Streaming to the store: memory, order and progress
+# --------------------------------------------------------------------------------------------
+
+
+class _RecordingSink:
+    """Keeps copies of every block handed to it, in call order."""
+
+    def __init__(self) -> None:
+        self.rows: list[np.ndarray] = []
+        self.coords: list[np.ndarray] = []
+
+    def append(self, rows: np.ndarray, coords: np.ndarray) -> None:
+        self.rows.append(rows.copy())
+        self.coords.append(coords.copy())
+
+
+@pytest.mark.parametrize("store_format", ["h5", "zarr"])
+def test_stage_appends_one_batch_at_a_time(
+    slide_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_format: str
+) -> None:
+    _write_coords(tmp_path / "tiles", slide_path, "cmu", n_tiles=14)
+    real_append = FeatureStoreWriter.append
+    appended_rows: list[int] = []
+    appended_coords: list[np.ndarray] = []
+    buffered: list[int] = []
+
+    def recording_append(self: FeatureStoreWriter, rows: np.ndarray, coords: np.ndarray) -> None:
+        appended_rows.append(rows.shape[0])
+        appended_coords.append(np.array(coords))
+        real_append(self, rows, coords)
+        buffered.append(self.n_rows_buffered)
+
+    monkeypatch.setattr(FeatureStoreWriter, "append", recording_append)
+
+    run_extraction(_config(tmp_path / "tiles", tmp_path / "features", format=store_format))
+
+    assert appended_rows == [4, 4, 4, 2]
+    with open_feature_store(tmp_path / "features" / SMALL_MODEL / f"cmu.{store_format}") as store:
+        np.testing.assert_array_equal(np.concatenate(appended_coords), store.coords)
+        assert store.n_tiles == 14
+    assert buffered == [4, 8, 12, 14]  # a small D fills no 1 MiB chunk before the commit
+
+
+def _wide_embedder(dim: int, tile_px: int) -> TileEmbedder:
+    """A cheap backbone with a wide embedding: average pool to 2 x 2, then a linear layer."""
+    preset = dataclasses.replace(
+        get_backbone_preset("efficientnet_lite0"), name="wide", input_px=tile_px, embedding_dim=dim
+    )
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(12, dim)
+    )
+    backbone = Backbone(preset, model, "random", None)
+    return TileEmbedder(backbone, torch.device("cpu"), channels_last=False)
+
+
+def test_streaming_peak_memory_is_per_batch(slide_path: Path, tmp_path: Path) -> None:
+    # 800 tiles x 8,192 float16 values are 13 MB; streaming keeps a batch and one chunk.
+    n_tiles, dim, tile_px = 800, 8192, 16
+    store = read_coords_store(_write_coords(tmp_path, slide_path, "grid", n_tiles, tile_px))
+    grid = extract.tile_grid_from_store(store, "grid")
+    embedder = _wide_embedder(dim, tile_px)
+    full_matrix_bytes = n_tiles * dim * 2
+
+    tracemalloc.start()
+    try:
+        with FeatureStoreWriter.appending(tmp_path / "grid_features.h5", dim, {}) as writer:
+            streamed = stream_slide_features(grid, embedder, writer, batch_size=16, num_workers=0)
+        streaming_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        embed_slide(grid, embedder, batch_size=16, num_workers=0)
+        in_memory_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert streamed.n_rows == n_tiles
+    assert streaming_peak < full_matrix_bytes / 5
+    # The same measurement finds the whole matrix when the features are kept in memory.
+    assert in_memory_peak > full_matrix_bytes
+
+
+def test_out_of_memory_retry_appends_each_batch_once(slide_path: Path, tmp_path: Path) -> None:
+    grid = _grid(slide_path, tmp_path, n_tiles=12)
+    limited = TileEmbedder(
+        _MemoryLimitedBackbone(limit=2),  # type: ignore[arg-type]
+        torch.device("cpu"),
+        channels_last=False,
+    )
+    unlimited = TileEmbedder(
+        _MemoryLimitedBackbone(limit=100),  # type: ignore[arg-type]
+        torch.device("cpu"),
+        channels_last=False,
+    )
+    retried, reference = _RecordingSink(), _RecordingSink()
+
+    stream_slide_features(grid, limited, retried, batch_size=5, num_workers=0, dtype="float32")
+    stream_slide_features(grid, unlimited, reference, batch_size=5, num_workers=0, dtype="float32")
+
+    assert limited.max_batch == 2
+    assert [block.shape[0] for block in retried.rows] == [5, 5, 2]
+    np.testing.assert_array_equal(np.concatenate(retried.coords), grid.coords)
+    np.testing.assert_array_equal(np.concatenate(retried.rows), np.concatenate(reference.rows))
+
+
+def test_out_of_order_batch_rejected(slide_path: Path, tmp_path: Path) -> None:
+    grid = _grid(slide_path, tmp_path, n_tiles=2)
+
+    with pytest.raises(RuntimeError, match="coords order"):
+        extract._check_rows_ascending(grid, np.array([0, 1]), previous_row=1)
+    with pytest.raises(RuntimeError, match="coords order"):
+        extract._check_rows_ascending(grid, np.array([3, 2]), previous_row=-1)
+    assert extract._check_rows_ascending(grid, np.array([2, 5]), previous_row=1) == 5
+
+
+@contextmanager
+def _log_console(terminal: bool) -> Iterator[io.StringIO]:
+    """Install a rich log handler whose console writes to a buffer, as the CLI does."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=terminal, width=120, color_system=None)
+    handler = RichHandler(console=console)
+    logging.getLogger().addHandler(handler)
+    try:
+        yield buffer
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+def test_tile_progress_drawn_on_terminal() -> None:
+    with _log_console(terminal=True) as output, tile_progress("slideA", 6, True) as advance:
+        for _ in range(3):
+            advance(2)
+
+    assert "6/6 tiles" in output.getvalue()
+    assert "tiles/s" in output.getvalue()
+
+
+def test_tile_progress_quiet_off_terminal() -> None:
+    with _log_console(terminal=False) as output, tile_progress("slideA", 6, True) as advance:
+        advance(6)
+    with _log_console(terminal=True) as disabled_output, tile_progress(
+        "slideA", 6, False
+    ) as advance:
+        advance(6)
+
+    assert output.getvalue() == ""
+    assert disabled_output.getvalue() == ""
+
+
+def test_tile_progress_joins_stage_bar(tmp_path: Path) -> None:
+    def process(slide: SlideInput) -> SlideOutcome:
+        with tile_progress(slide.slide_id, 6, True) as advance:
+            advance(3)
+            deadline = time.monotonic() + 5
+            # The stage bar redraws both bars 10 times a second.
+            while "3/6 tiles" not in output.getvalue() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            advance(3)
+        return SlideOutcome(n_tiles=6)
+
+    with _log_console(terminal=True) as output:
+        result = run_slides(
+            [SlideInput("slideA", tmp_path / "slideA.h5")],
+            process,
+            stage="extract",
+            output_dir=tmp_path / "out",
+            is_done=lambda slide: False,
+        )
+
+    assert result.n_ok == 1
+    assert "3/6 tiles" in output.getvalue()
+    assert "extract" in output.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
 # Resume after a killed process
 # --------------------------------------------------------------------------------------------
 
@@ -579,6 +775,7 @@ def test_resume_after_sigkill_matches(slide_path: Path, tmp_path: Path) -> None:
 
     assert is_complete_store(out_dir / "a_first.h5")
     assert not is_complete_store(out_dir / "b_second.h5")
+    assert list(out_dir.glob("b_second.h5.tmp-*"))  # the store being appended to
     assert second_lock.exists()
 
     resumed = run_extraction(cfg)

@@ -125,3 +125,115 @@ def test_attention_round_trip_and_mismatch(tmp_path: Path) -> None:
     assert store.attrs["model"] == "acmil"
     with pytest.raises(StoreFormatError, match="does not match 3 coords"):
         write_attention_store(tmp_path / "bad.h5", np.ones(2), COORDS, {})
+
+
+# ------------------------------------------------------------------ appending feature stores
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+def test_appended_store_round_trip(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"slide{suffix}"
+    dim = 1024  # 256 rows per chunk, so the 700 rows below span three chunks
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(700, dim)).astype(np.float32)
+    coords = rng.integers(0, 10**6, size=(700, 2))
+    with FeatureStoreWriter.appending(path, dim, {"backbone": "test"}) as writer:
+        for start in range(0, 700, 64):
+            writer.append(features[start : start + 64], coords[start : start + 64])
+        writer.update_attrs({"n_failed_tiles": 3})
+    with open_feature_store(path) as store:
+        assert store.n_tiles == 700
+        assert store.attrs["backbone"] == "test"
+        assert store.attrs["n_failed_tiles"] == 3
+        assert store.attrs["dtype"] == "float16"
+        np.testing.assert_array_equal(store.read_features(), features.astype(np.float16))
+        np.testing.assert_array_equal(store.coords, coords)
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+def test_appending_writer_buffers_under_chunk(tmp_path: Path, suffix: str) -> None:
+    dim, batch = 1024, 48
+    chunk_rows = 2**20 // (dim * 4)
+    rows = np.ones((batch, dim), dtype=np.float32)
+    buffered = []
+    on_disk = []
+    with FeatureStoreWriter.appending(tmp_path / f"slide{suffix}", dim, {}) as writer:
+        for index in range(40):
+            writer.append(rows, np.full((batch, 2), index))
+            buffered.append(writer.n_rows_buffered)
+            on_disk.append(writer.n_rows_written - writer.n_rows_buffered)
+    assert max(buffered) < chunk_rows
+    assert on_disk[-1] == 40 * batch - buffered[-1]
+    assert all(count % chunk_rows == 0 for count in on_disk)
+    assert on_disk == sorted(on_disk)
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+def test_empty_appended_store_commits(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"slide{suffix}"
+    with FeatureStoreWriter.appending(path, 8, {"status": "no_tissue"}):
+        pass
+    with open_feature_store(path) as store:
+        assert store.n_tiles == 0
+        assert store.dim == 8
+        assert store.coords.shape == (0, 2)
+
+
+def test_h5_appended_datasets_resizable(tmp_path: Path) -> None:
+    path = tmp_path / "slide.h5"
+    with FeatureStoreWriter.appending(path, 4, {}) as writer:
+        writer.append(np.ones((3, 4)), COORDS)
+    with h5py.File(path, "r") as handle:
+        assert handle["features"].maxshape == (None, 4)
+        assert handle["features"].shape == (3, 4)
+        assert handle["coords"].maxshape == (None, 2)
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+def test_failed_append_leaves_nothing(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"slide{suffix}"
+    with pytest.raises(RuntimeError), FeatureStoreWriter.appending(path, 4, {}) as writer:
+        writer.append(np.ones((3, 4)), COORDS)
+        raise RuntimeError("killed")
+    assert not list(tmp_path.iterdir())
+
+
+def test_appended_nan_row_names_store_row(tmp_path: Path) -> None:
+    path = tmp_path / "slide.h5"
+    bad = np.ones((3, 4))
+    bad[2, 0] = np.nan
+    with pytest.raises(StoreFormatError, match="first at row 5"), FeatureStoreWriter.appending(
+        path, 4, {}
+    ) as writer:
+        writer.append(np.ones((3, 4)), COORDS)
+        writer.append(bad, COORDS)
+    assert not list(tmp_path.iterdir())
+
+
+def test_appended_float16_overflow_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "slide.h5"
+    with pytest.raises(StoreFormatError, match="non-finite"), FeatureStoreWriter.appending(
+        path, 4, {}
+    ) as writer:
+        writer.append(np.full((3, 4), 1e5), COORDS)
+    assert not path.exists()
+
+
+def test_append_checks_coords_length(tmp_path: Path) -> None:
+    writer = FeatureStoreWriter.appending(tmp_path / "slide.h5", 4, {})
+    with pytest.raises(StoreFormatError, match="3 feature rows but 2 coords"), writer:
+        writer.append(np.ones((3, 4)), COORDS[:2])
+
+
+def test_writer_modes_not_mixed(tmp_path: Path) -> None:
+    with FeatureStoreWriter.appending(tmp_path / "a.h5", 4, {}) as appending:
+        with pytest.raises(ValueError, match="append"):
+            appending.write(0, np.ones((1, 4)))
+        appending.append(np.ones((3, 4)), COORDS)
+    with FeatureStoreWriter(tmp_path / "b.h5", 3, 4, COORDS, {}) as fixed:
+        with pytest.raises(ValueError, match="appending writer"):
+            fixed.append(np.ones((3, 4)), COORDS)
+        fixed.write(0, np.ones((3, 4)))
+    with pytest.raises(ValueError, match="coords=None"):
+        FeatureStoreWriter(tmp_path / "c.h5", None, 4, COORDS, {})
