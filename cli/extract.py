@@ -192,7 +192,12 @@ def command(
         ),
     ] = True,
     progress: Annotated[
-        bool, typer.Option(help="Show a progress bar.", rich_help_panel=_BATCH)
+        bool,
+        typer.Option(
+            help="Show a progress bar of the slides and, on a terminal, one of the current "
+            "slide's tiles with tiles per second.",
+            rich_help_panel=_BATCH,
+        ),
     ] = True,
 ) -> None:
     """Embed every tile listed in the coords stores with a pretrained backbone."""
