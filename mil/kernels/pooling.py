@@ -138,9 +138,14 @@ def segment_attention_pool(
 # or faster.
 DENSE_COLUMNS_MAX = 64
 CHUNK_OVERHEAD_ROWS = 256
+# NOTE: the value for GPUs is a guess, never measured: a kernel launch costs about as long as
+# streaming a few thousand rows, and the zeros of a dense product are cheap next to it.
+CHUNK_OVERHEAD_ROWS_GPU = 4096
 
 
-def _bag_chunks(lengths: tuple[int, ...], num_branches: int) -> list[tuple[int, int, int, int]]:
+def _bag_chunks(
+    lengths: tuple[int, ...], num_branches: int, device: torch.device
+) -> list[tuple[int, int, int, int]]:
     """Group consecutive bags into chunks for the dense products (see CHUNK_OVERHEAD_ROWS).
 
     Returns:
@@ -148,12 +153,13 @@ def _bag_chunks(lengths: tuple[int, ...], num_branches: int) -> list[tuple[int, 
         least one bag.
     """
     bags_per_chunk = max(1, DENSE_COLUMNS_MAX // max(num_branches, 1))
+    overhead_rows = CHUNK_OVERHEAD_ROWS if device.type == "cpu" else CHUNK_OVERHEAD_ROWS_GPU
     chunks = []
     row = bag = 0
     chunk_rows = chunk_bags = 0
     for index, n_rows in enumerate(lengths):
         fits = (chunk_bags < bags_per_chunk
-                and chunk_rows + n_rows * chunk_bags < CHUNK_OVERHEAD_ROWS)
+                and chunk_rows + n_rows * chunk_bags < overhead_rows)
         if chunk_bags and not fits:
             chunks.append((row, row + chunk_rows, bag, index))
             row, bag = row + chunk_rows, index
@@ -200,7 +206,7 @@ class _WeightedSegmentSum(torch.autograd.Function):
         ctx.lengths = lengths
         num_branches = weights.shape[1]
         pooled = values.new_zeros((len(lengths), num_branches, values.shape[1]))
-        for row, row_end, bag, bag_end in _bag_chunks(lengths, num_branches):
+        for row, row_end, bag, bag_end in _bag_chunks(lengths, num_branches, values.device):
             placed = _place_weights(weights[row:row_end], ids[row:row_end] - bag, bag_end - bag)
             pooled[bag:bag_end] = (placed.T @ values[row:row_end]).view(
                 bag_end - bag, num_branches, values.shape[1]
@@ -216,7 +222,7 @@ class _WeightedSegmentSum(torch.autograd.Function):
         need_values, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_values = values.new_empty(values.shape) if need_values else None
         grad_weights = weights.new_empty(weights.shape) if need_weights else None
-        for row, row_end, bag, bag_end in _bag_chunks(ctx.lengths, num_branches):
+        for row, row_end, bag, bag_end in _bag_chunks(ctx.lengths, num_branches, values.device):
             local_ids = ids[row:row_end] - bag
             flat_grad = grad_pooled[bag:bag_end].reshape((bag_end - bag) * num_branches, dim)
             if grad_values is not None:
@@ -244,7 +250,7 @@ class _SegmentMax(torch.autograd.Function):
         ctx: Any, values: torch.Tensor, ids: torch.Tensor, lengths: tuple[int, ...]
     ) -> torch.Tensor:
         out = values.new_zeros((len(lengths), values.shape[1]))
-        for row, row_end, bag, bag_end in _bag_chunks(lengths, 1):
+        for row, row_end, bag, bag_end in _bag_chunks(lengths, 1, values.device):
             if row == row_end:
                 continue
             if bag_end - bag == 1:
@@ -263,7 +269,7 @@ class _SegmentMax(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         grad_values = torch.empty_like(values)
-        for row, row_end, bag, bag_end in _bag_chunks(ctx.lengths, 1):
+        for row, row_end, bag, bag_end in _bag_chunks(ctx.lengths, 1, values.device):
             if row == row_end:
                 continue
             rows = values[row:row_end]

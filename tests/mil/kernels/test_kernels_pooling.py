@@ -371,3 +371,16 @@ def test_reduce_integer_and_bool_values() -> None:
     assert segment_reduce(values, segments, "mean").tolist() == [1.5, 0.0, 4.0]
     assert segment_reduce(values, segments, "max").tolist() == [2, 0, 5]
     assert segment_reduce(values > 2, segments, "sum").tolist() == [0, 0, 3]
+
+
+def test_chunks_group_short_bags_only(dense_columns: int) -> None:
+    if dense_columns != 64 or pooling.CHUNK_OVERHEAD_ROWS != 256:
+        pytest.skip("checks the default chunk settings")
+    lengths = (5000, 3, 2, 0, 1, 6000, 40, 40, 40, 40, 40)
+
+    chunks = pooling._bag_chunks(lengths, 1, torch.device("cpu"))
+
+    bags = [(first, end) for _, _, first, end in chunks]
+    assert bags == [(0, 1), (1, 5), (5, 6), (6, 10), (10, 11)]
+    assert chunks[1][:2] == (5000, 5006)
+    assert chunks[-1][1] == sum(lengths)
