@@ -13,9 +13,9 @@ Both measurements use the same tiles, batch size, device, precision and
 - backbone only: the tiles are decoded once into a uint8 tensor in (pinned) host memory before
   timing, then every batch goes through ``TileEmbedder.embed``. That is the host-to-device copy,
   normalisation and forward pass, with a device synchronisation at the end.
-- end to end: ``embed_slide`` reads and decodes the tiles from the slide with DataLoader
-  workers, embeds them and then ``write_feature_store`` writes the HDF5 store. This is one
-  slide's work in ``slidemil extract`` without building the backbone.
+- end to end: ``stream_slide_features`` reads and decodes the tiles from the slide with
+  DataLoader workers, embeds them and appends each batch to an HDF5 store, which is then
+  committed. This is one slide's work in ``slidemil extract`` without building the backbone.
 
 The tiles are a grid over the slide at ``--target-mpp`` (no tissue detection, so the count is
 exact), repeated in row order until there are ``--tiles`` of them. Each case runs
@@ -44,15 +44,14 @@ if str(REPO_ROOT) not in sys.path:
 
 from preprocessing.backbones import create_backbone  # noqa: E402
 from preprocessing.extract import (  # noqa: E402
-    ExtractConfig,
     TileEmbedder,
     TileGrid,
-    embed_slide,
     resolve_autocast_dtype,
     resolve_device,
-    write_feature_store,
+    stream_slide_features,
 )
 from preprocessing.slide import open_slide  # noqa: E402
+from preprocessing.stores import FeatureStoreWriter  # noqa: E402
 
 DEFAULT_SLIDE = REPO_ROOT / "tests" / "data" / "slides" / "cmu-1-small-region.svs"
 
@@ -127,14 +126,14 @@ def time_backbone_only(
 def time_end_to_end(
     embedder: TileEmbedder, grid: TileGrid, args: argparse.Namespace, out_dir: Path, run: int
 ) -> float:
-    cfg = ExtractConfig(coords_dir=out_dir, output_dir=out_dir)
     start = time.perf_counter()
-    result = embed_slide(
-        grid, embedder, batch_size=args.batch_size, num_workers=args.num_workers
+    writer = FeatureStoreWriter.appending(
+        out_dir / f"run{run}.h5", embedder.embedding_dim, {"benchmark": True}
     )
-    write_feature_store(
-        out_dir / f"run{run}.h5", result.features, result.coords, {"benchmark": True}, cfg
-    )
+    with writer:
+        stream_slide_features(
+            grid, embedder, writer, batch_size=args.batch_size, num_workers=args.num_workers
+        )
     return time.perf_counter() - start
 
 
