@@ -70,6 +70,10 @@ def _segment_max(scores: torch.Tensor, ids: torch.Tensor, num_bags: int) -> torc
         return torch.where(torch.isfinite(buffer) & (buffer > fill), buffer, 0)
 
 
+def _is_low_precision(tensor: torch.Tensor) -> bool:
+    return tensor.dtype in (torch.float16, torch.bfloat16)
+
+
 def segment_softmax(scores: torch.Tensor, segments: Segments) -> torch.Tensor:
     """Softmax of `scores` over the rows of each bag.
 
@@ -92,12 +96,14 @@ def segment_softmax(scores: torch.Tensor, segments: Segments) -> torch.Tensor:
 
     # Stable form: the per-bag max (a constant for autograd) is subtracted before exp.
     shifted = valid_scores - _segment_max(valid_scores, ids, num_bags).index_select(0, ids)
-    exp = torch.exp(shifted)
+    # float16 and bfloat16 scores are exponentiated and summed in float32: a float16 sum
+    # overflows to inf above 65504 rows of equal score, which would make every weight 0.
+    exp = torch.exp(shifted.float() if _is_low_precision(shifted) else shifted)
     sums = exp.new_zeros((num_bags, exp.shape[1])).index_add_(0, ids, exp)
     # Fully masked and empty bags have sum 0 and exp 0. Dividing by 1 there keeps their weights
     # and gradients 0, where a tiny divisor would overflow the gradient to inf * 0 = NaN.
     denominator = torch.where(sums > 0, sums, 1).index_select(0, ids)
-    weights = _pad_rows(exp / denominator, segments.total)
+    weights = _pad_rows((exp / denominator).to(scores.dtype), segments.total)
     return weights.squeeze(1) if squeeze else weights
 
 
@@ -238,6 +244,18 @@ class _WeightedSegmentSum(torch.autograd.Function):
         return grad_values, grad_weights, None, None
 
 
+def _multiply_into(out: torch.Tensor, hits: torch.Tensor, share: torch.Tensor) -> None:
+    """Write `hits * share` into `out`, with autograd history during a double backward.
+
+    `torch.mul(..., out=)` saves a temporary but is not differentiable, so it runs only while
+    grad mode is off, which is the case in a backward without `create_graph=True`.
+    """
+    if torch.is_grad_enabled():
+        out.copy_(hits * share)
+    else:
+        torch.mul(hits, share, out=out)
+
+
 class _SegmentMax(torch.autograd.Function):
     """out[b] = max over the rows of bag b of values, per column; 0 for an empty bag.
 
@@ -276,14 +294,14 @@ class _SegmentMax(torch.autograd.Function):
             if bag_end - bag == 1:
                 hits = rows == out[bag]
                 share = grad_out[bag] / hits.sum(0).clamp_(min=1)
-                torch.mul(hits, share, out=grad_values[row:row_end])
+                _multiply_into(grad_values[row:row_end], hits, share)
             else:
                 local = ids[row:row_end] - bag
                 hits = rows == out[bag:bag_end].index_select(0, local)
                 counts = out.new_zeros((bag_end - bag, values.shape[1])).index_add_(
                     0, local, hits.to(values.dtype))
                 share = grad_out[bag:bag_end] / counts.clamp_(min=1)
-                torch.mul(hits, share.index_select(0, local), out=grad_values[row:row_end])
+                _multiply_into(grad_values[row:row_end], hits, share.index_select(0, local))
         return grad_values, None, None
 
 
@@ -292,10 +310,16 @@ def weighted_segment_sum(
 ) -> torch.Tensor:
     """`sum_{t in bag b} weights[t, k] * values[t]` -> [B, K, D] for values [T, D], weights [T, K].
 
-    Padding rows are skipped, whatever their values and weights (NaN included).
+    Padding rows are skipped, whatever their values and weights (NaN included). Values and
+    weights of different dtypes are promoted to their common dtype first.
     """
     _check_rows(values, segments, "values")
     _check_rows(weights, segments, "weights")
+    if values.dtype != weights.dtype:
+        # Promote as `weights[:, :, None] * values[:, None, :]` would. Under autocast, the
+        # products inside still run in the autocast dtype.
+        common = torch.promote_types(values.dtype, weights.dtype)
+        values, weights = values.to(common), weights.to(common)
     ids = _valid_ids(segments, values.device)
     return _WeightedSegmentSum.apply(
         _valid_rows(values, segments), _valid_rows(weights, segments), ids, segments.lengths
