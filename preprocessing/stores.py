@@ -10,6 +10,7 @@ Coordinates are level-0 pixels, top-left corner, (x, y), int64.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -22,7 +23,9 @@ from typing import Any, Literal
 import h5py
 import numpy as np
 
-from preprocessing.errors import IncompleteStoreError, StoreFormatError
+from preprocessing.errors import IncompleteStoreError, SlidemilError, StoreFormatError
+
+logger = logging.getLogger(__name__)
 
 StoreFormat = Literal["h5", "zarr"]
 STORE_SUFFIXES: dict[str, str] = {"h5": ".h5", "zarr": ".zarr"}
@@ -140,6 +143,31 @@ def _check_coords(path: Path, coords: np.ndarray) -> np.ndarray:
             f"{path}: dataset 'coords' has shape {coords.shape}, expected (N, 2) level-0 (x, y)"
         )
     return coords.astype(np.int64, copy=False)
+
+
+def _integer_coords(path: Path, coords: Any) -> np.ndarray:
+    """Check appended coords: shape exactly [n, 2] and whole, finite numbers; int64 copy.
+
+    Unlike the fixed-size writer, no reshape: an (x, y) pair stacked as [2, n] would otherwise
+    be read as n rows of mixed x and y values.
+    """
+    coords = np.asarray(coords)
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise StoreFormatError(
+            f"{path}: appended coords have shape {coords.shape}, expected (n, 2) level-0 (x, y); "
+            "stack x and y as columns, e.g. np.column_stack([x, y])"
+        )
+    if coords.dtype.kind == "f":
+        if not np.isfinite(coords).all() or (coords != np.round(coords)).any():
+            raise StoreFormatError(
+                f"{path}: appended coords contain NaN, inf or fractional values; "
+                "coords are whole level-0 pixels"
+            )
+    elif coords.dtype.kind not in "iu":
+        raise StoreFormatError(
+            f"{path}: appended coords of dtype {coords.dtype}, expected integer level-0 pixels"
+        )
+    return np.array(coords, dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- coords stores
@@ -298,6 +326,8 @@ class FeatureStoreWriter:
         self.path = Path(path)
         self.fmt: StoreFormat = fmt or store_format(self.path)
         self.dim = int(dim)
+        if self.dim < 1:
+            raise ValueError(f"{self.path}: the embedding dimension must be >= 1, got {dim}")
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.dtype("float16"), np.dtype("float32")):
             raise ValueError(f"{self.path}: feature dtype must be float16 or float32, got {dtype}")
@@ -326,6 +356,9 @@ class FeatureStoreWriter:
         self._features: Any = None
         self._feature_appender: _ChunkAppender | None = None
         self._coords_appender: _ChunkAppender | None = None
+        # Set when the `with` block exits: the temporary store is then committed or removed,
+        # and writing to it again would lose the rows or overwrite the committed store.
+        self._closed = False
 
     @classmethod
     def appending(
@@ -356,6 +389,11 @@ class FeatureStoreWriter:
         self.attrs.update(attrs)
 
     def __enter__(self) -> FeatureStoreWriter:
+        if self._closed:
+            raise ValueError(
+                f"{self.path}: this writer's `with` block has already ended and its store was "
+                "committed or removed; create a new FeatureStoreWriter to write the store again"
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _remove(self.tmp)
         if self.fmt == "zarr":
@@ -447,22 +485,36 @@ class FeatureStoreWriter:
         Raises:
             StoreFormatError: Wrong shapes, different row counts, or NaN or inf rows.
         """
+        if self._closed:
+            raise ValueError(
+                f"{self.path}: append() after the writer's `with` block ended; the store was "
+                "already committed or removed, so these rows would be lost"
+            )
         if self._feature_appender is None or self._coords_appender is None:
             raise ValueError(
                 f"{self.path}: append() needs an appending writer inside its `with` block"
+            )
+        rows = np.asarray(rows)
+        if rows.dtype.kind not in "iuf":
+            raise StoreFormatError(
+                f"{self.path}: feature rows of dtype {rows.dtype}, expected real numbers "
+                "(float or integer)"
             )
         # A copy, because the writer may hold it; float16 overflow shows up as inf below.
         with np.errstate(over="ignore"):
             stored = np.array(rows, dtype=self.dtype)
         self._check_shape(stored)
-        coords = _check_coords(self.path, np.array(coords, dtype=np.int64).reshape(-1, 2))
+        coords = _integer_coords(self.path, coords)
         if coords.shape[0] != stored.shape[0]:
             raise StoreFormatError(
                 f"{self.path}: {stored.shape[0]} feature rows but {coords.shape[0]} coords"
             )
         self._check_finite(self.n_rows_written, stored)
-        self._feature_appender.append(stored)
-        self._coords_appender.append(coords)
+        try:
+            self._feature_appender.append(stored)
+            self._coords_appender.append(coords)
+        except (OSError, RuntimeError) as err:
+            raise self._write_error(err) from err
 
     def _finish_rows(self) -> None:
         """Write the rows still buffered and check that every row of the store is written."""
@@ -490,32 +542,54 @@ class FeatureStoreWriter:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        self._closed = True
+        if exc_type is not None:
+            # The block's own exception propagates; the temporary store is removed in any case.
+            self.abort()
+            return
         try:
-            if exc_type is None:
-                self._finish_rows()
-                for key, value in self.attrs.items():
-                    if key != "complete":
-                        self._handle.attrs[key] = _clean_attr(value)
-                self._handle.attrs["embedding_dim"] = self.dim
-                self._handle.attrs["dtype"] = str(self.dtype)
-                self._handle.attrs["complete"] = True
+            self._finish_rows()
+            for key, value in self.attrs.items():
+                if key != "complete":
+                    self._handle.attrs[key] = _clean_attr(value)
+            self._handle.attrs["embedding_dim"] = self.dim
+            self._handle.attrs["dtype"] = str(self.dtype)
+            self._handle.attrs["complete"] = True
+            # HDF5 writes cached chunks when the file closes, so a full disk often fails here.
+            self._close_handle()
+        except (OSError, RuntimeError) as err:
+            self.abort()
+            raise self._write_error(err) from err
         except BaseException:
             self.abort()
             raise
-        finally:
-            if self.fmt == "h5" and self._handle is not None:
-                self._handle.close()
-            self._handle = None
-        if exc_type is None:
-            _move_into_place(self.tmp, self.path)
-        else:
-            _remove(self.tmp)
+        _move_into_place(self.tmp, self.path)
+
+    def _write_error(self, err: BaseException) -> SlidemilError:
+        return SlidemilError(
+            f"{self.path}: writing the temporary store {self.tmp.name} failed ({err}), so the "
+            "store is not committed and the temporary store is removed. Check free space and "
+            f"write permission in {self.path.parent}, then rerun."
+        )
+
+    def _close_handle(self) -> None:
+        handle, self._handle = self._handle, None
+        self._features = None
+        if self.fmt == "h5" and handle is not None:
+            handle.close()
 
     def abort(self) -> None:
-        """Remove the temporary store (for callers not using the context manager)."""
-        if self.fmt == "h5" and self._handle is not None:
-            self._handle.close()
-        self._handle = None
+        """Remove the temporary store (for callers not using the context manager).
+
+        A failure to close the store, as when the disk is full, is logged and does not stop
+        the removal, so the caller receives the exception that is already being raised.
+        """
+        self._closed = True
+        try:
+            self._close_handle()
+        except (OSError, RuntimeError) as err:
+            logger.warning("%s: closing the temporary store %s failed (%s); removing it.",
+                           self.path, self.tmp, err)
         _remove(self.tmp)
 
 
