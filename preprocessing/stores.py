@@ -9,6 +9,7 @@ Coordinates are level-0 pixels, top-left corner, (x, y), int64.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -400,6 +401,12 @@ class FeatureStoreWriter:
             import zarr
 
             self._handle = zarr.open_group(str(self.tmp), mode="w")
+        elif self.is_appending:
+            # The appender writes whole chunks, so HDF5's chunk cache saves nothing. Without it
+            # a full disk fails the write that hits it, not only the close, and a failed close
+            # leaves no dirty chunks that crash the interpreter at exit (seen with h5py 3.16
+            # and HDF5 2.0).
+            self._handle = h5py.File(self.tmp, "w", rdcc_nbytes=0)
         else:
             self._handle = h5py.File(self.tmp, "w")
         if self.is_appending:
@@ -575,8 +582,16 @@ class FeatureStoreWriter:
     def _close_handle(self) -> None:
         handle, self._handle = self._handle, None
         self._features = None
-        if self.fmt == "h5" and handle is not None:
+        if self.fmt != "h5" or handle is None:
+            return
+        try:
             handle.close()
+        except (OSError, RuntimeError):
+            # A failed close can leave the file open inside HDF5, which then segfaults when
+            # it flushes the file at exit. A second close releases it.
+            with contextlib.suppress(OSError, RuntimeError):
+                handle.close()
+            raise
 
     def abort(self) -> None:
         """Remove the temporary store (for callers not using the context manager).

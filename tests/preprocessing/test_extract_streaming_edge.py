@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -244,3 +246,39 @@ def test_stage_full_disk_fails_slide_cleanly(
     assert f"cmu.{fmt}: writing the temporary store" in row.message
     assert not (out_dir / f"cmu.{fmt}").exists()
     assert leftovers(out_dir) == []
+
+
+FILE_SIZE_LIMIT_SCRIPT = """
+import resource, sys
+from pathlib import Path
+import numpy as np
+from preprocessing.errors import SlidemilError
+from preprocessing.stores import FeatureStoreWriter
+
+# Files may not grow beyond 256 KiB, as on a full disk. Python ignores SIGXFSZ.
+resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+path = Path(sys.argv[1])
+try:
+    with FeatureStoreWriter.appending(path, 512, {}, dtype="float32") as writer:
+        for _ in range(20):
+            writer.append(np.ones((256, 512)), np.zeros((256, 2), dtype=np.int64))
+except SlidemilError as err:
+    print("raised:", err)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE behaviour checked on Linux")
+def test_h5_file_size_limit_exits_cleanly(tmp_path: Path) -> None:
+    # Dirty HDF5 chunks left by a failed close crash the interpreter at exit (exit code -11).
+    path = tmp_path / "slide.h5"
+
+    completed = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMIT_SCRIPT, str(path)],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120, check=False,
+    )
+
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "raised:" in completed.stdout
+    assert "writing the temporary store" in completed.stdout
+    assert not path.exists()
+    assert leftovers(tmp_path) == []
