@@ -25,6 +25,11 @@ def _check_rows(tensor: torch.Tensor, segments: Segments, name: str) -> None:
         )
 
 
+def _check_dims(tensor: torch.Tensor, dims: tuple[int, ...], name: str, shape: str) -> None:
+    if tensor.dim() not in dims:
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+
+
 def _row_ids(segments: Segments, device: torch.device) -> torch.Tensor:
     """Bag index of every row, int64 [T], padding = B, on `device`."""
     ids = segments.segment_ids()
@@ -87,6 +92,9 @@ def segment_softmax(scores: torch.Tensor, segments: Segments) -> torch.Tensor:
         or fully masked, whose weights are 0. Padding rows are exactly 0.
     """
     _check_rows(scores, segments, "scores")
+    _check_dims(scores, (1, 2), "scores", "[T] or [T, K]")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be floating point, got {scores.dtype}; cast with .float()")
     squeeze = scores.dim() == 1
     if squeeze:
         scores = scores.unsqueeze(1)
@@ -124,6 +132,7 @@ def segment_attention_pool(
         pooled [B, K, D] (zeros for an empty or fully masked bag) and weights [T, K] (0 on padding).
     """
     _check_rows(values, segments, "values")
+    _check_dims(values, (2,), "values", "[T, D]")
     if scores.dim() == 1:
         scores = scores.unsqueeze(1)
     weights = segment_softmax(scores, segments)  # [T, K]
@@ -315,6 +324,8 @@ def weighted_segment_sum(
     """
     _check_rows(values, segments, "values")
     _check_rows(weights, segments, "weights")
+    _check_dims(values, (2,), "values", "[T, D]")
+    _check_dims(weights, (2,), "weights", "[T, K]")
     if values.dtype != weights.dtype:
         # Promote as `weights[:, :, None] * values[:, None, :]` would. Under autocast, the
         # products inside still run in the autocast dtype.

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mil.kernels import Segments, pooling, segment_attention_pool, segment_reduce
+from mil.kernels import (
+    Segments,
+    pooling,
+    segment_attention_pool,
+    segment_reduce,
+    segment_softmax,
+)
 from mil.kernels.pooling import weighted_segment_sum
 
 
@@ -185,3 +191,14 @@ def test_max_double_backward(lengths: list[int]) -> None:
     values.requires_grad_()
 
     assert torch.autograd.gradgradcheck(lambda v: segment_reduce(v, segments, "max"), (values,))
+
+
+def test_wrong_shapes_and_dtypes_named() -> None:
+    segments = Segments.from_lengths([2, 3])
+
+    with pytest.raises(ValueError, match=r"values has shape \(5,\), expected \[T, D\]"):
+        weighted_segment_sum(torch.randn(5), torch.randn(5, 1), segments)
+    with pytest.raises(ValueError, match=r"scores has shape \(5, 2, 2\)"):
+        segment_attention_pool(torch.randn(5, 4), torch.randn(5, 2, 2), segments)
+    with pytest.raises(TypeError, match="scores must be floating point, got torch.int64"):
+        segment_softmax(torch.randint(0, 3, (5,)), segments)
