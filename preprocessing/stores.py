@@ -395,8 +395,20 @@ class FeatureStoreWriter:
                 f"{self.path}: this writer's `with` block has already ended and its store was "
                 "committed or removed; create a new FeatureStoreWriter to write the store again"
             )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _remove(self.tmp)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _remove(self.tmp)
+            self._open_tmp()
+            if self.is_appending:
+                self._create_appendable()
+            else:
+                self._create_fixed()
+        except OSError as err:
+            self.abort()
+            raise self._write_error(err) from err
+        return self
+
+    def _open_tmp(self) -> None:
         if self.fmt == "zarr":
             import zarr
 
@@ -409,11 +421,6 @@ class FeatureStoreWriter:
             self._handle = h5py.File(self.tmp, "w", rdcc_nbytes=0)
         else:
             self._handle = h5py.File(self.tmp, "w")
-        if self.is_appending:
-            self._create_appendable()
-        else:
-            self._create_fixed()
-        return self
 
     def _create_fixed(self) -> None:
         chunk_rows = max(1, min(self.n_rows, _feature_chunk_rows(self.dim)))

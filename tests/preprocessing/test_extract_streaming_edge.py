@@ -142,6 +142,20 @@ def test_failed_chunk_write_names_store(
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_unwritable_folder_names_store(tmp_path: Path, suffix: str) -> None:
+    # A file where the output folder should be; root ignores read-only folder permissions.
+    (tmp_path / "features").touch()
+    path = tmp_path / "features" / f"slide{suffix}"
+
+    with pytest.raises(SlidemilError, match="writing the temporary store") as caught:
+        with FeatureStoreWriter.appending(path, 4, {}):
+            pass
+
+    assert str(path) in str(caught.value)
+    assert "File exists" in str(caught.value)
+
+
 def test_failed_close_at_commit_removes_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
