@@ -1168,8 +1168,13 @@ def _remove_store(path: Path) -> None:
 
 
 def _remove_stale_temporaries(path: Path) -> None:
-    """Delete temporary stores of this slide left by killed jobs (the caller holds its lock)."""
-    for leftover in path.parent.glob(f"{path.name}.tmp-*"):
+    """Delete temporary stores of this slide left by killed jobs (the caller holds its lock).
+
+    These are `<store>.tmp-<pid>` being written and `<store>.old-<pid>`, a replaced zarr store
+    that a job killed during the commit had moved aside but not yet deleted.
+    """
+    leftovers = [*path.parent.glob(f"{path.name}.tmp-*"), *path.parent.glob(f"{path.name}.old-*")]
+    for leftover in leftovers:
         logger.info("Removing %s left by an interrupted run.", leftover)
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)

@@ -296,3 +296,24 @@ def test_h5_file_size_limit_exits_cleanly(tmp_path: Path) -> None:
     assert "writing the temporary store" in completed.stdout
     assert not path.exists()
     assert leftovers(tmp_path) == []
+
+
+def test_stage_removes_moved_aside_store(tmp_path: Path) -> None:
+    # A job killed between the two renames of a zarr commit leaves `<store>.old-<pid>`.
+    if not SLIDE.is_file():
+        pytest.skip(f"sample slide {SLIDE.name} is absent")
+    (tmp_path / "tiles").mkdir()
+    write_coords(tmp_path / "tiles", n_tiles=2)
+    out_dir = tmp_path / "features" / SMALL_MODEL
+    (out_dir / "cmu.zarr.old-999999").mkdir(parents=True)
+    (out_dir / "cmu.zarr.tmp-999999").mkdir()
+    cfg = ExtractConfig(
+        coords_dir=tmp_path / "tiles", output_dir=tmp_path / "features", backbone=SMALL_MODEL,
+        weights="random", device="cpu", batch_size=2, num_workers=0, progress=False,
+        format="zarr",
+    )
+
+    result = run_extraction(cfg)
+
+    assert result.n_failed == 0
+    assert sorted(path.name for path in out_dir.glob("cmu.zarr*")) == ["cmu.zarr"]
