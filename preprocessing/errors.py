@@ -62,3 +62,9 @@ class CheckpointError(SlidemilError):
     """A model checkpoint is missing, unreadable, or belongs to another model or class map."""
 
     error_type = "checkpoint"
+
+
+class StoreWriteError(SlidemilError, OSError):
+    """Writing a store failed (full disk, missing permission); nothing was committed."""
+
+    error_type = "write_failed"

@@ -504,7 +504,13 @@ def run_slides(
         logger.info(
             "Shard %d/%d: %d of %s", index, count, len(selected), plural(len(slides), "slide")
         )
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot create the output folder {output_dir} ({err}); choose a writable folder "
+            "that is not a file, or create it first"
+        ) from err
     locks_dir = state_dir(output_dir, stage) / "locks"
 
     n_ok = n_failed = n_skipped = 0

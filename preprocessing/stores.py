@@ -24,7 +24,11 @@ from typing import Any, Literal
 import h5py
 import numpy as np
 
-from preprocessing.errors import IncompleteStoreError, SlidemilError, StoreFormatError
+from preprocessing.errors import (
+    IncompleteStoreError,
+    StoreFormatError,
+    StoreWriteError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -579,8 +583,8 @@ class FeatureStoreWriter:
             raise
         _move_into_place(self.tmp, self.path)
 
-    def _write_error(self, err: BaseException) -> SlidemilError:
-        return SlidemilError(
+    def _write_error(self, err: BaseException) -> StoreWriteError:
+        return StoreWriteError(
             f"{self.path}: writing the temporary store {self.tmp.name} failed ({err}), so the "
             "store is not committed and the temporary store is removed. Check free space and "
             f"write permission in {self.path.parent}, then rerun."

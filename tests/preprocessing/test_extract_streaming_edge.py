@@ -138,6 +138,7 @@ def test_failed_chunk_write_names_store(
 
     assert str(path) in str(caught.value)
     assert "Check free space and write permission" in str(caught.value)
+    assert caught.value.error_type == "write_failed"
     assert not path.exists()
     assert leftovers(tmp_path) == []
 

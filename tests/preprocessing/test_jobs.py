@@ -121,6 +121,24 @@ def test_bad_shard_makes_no_folder(tmp_path: Path) -> None:
     assert not output_dir.exists()
 
 
+def test_output_folder_that_is_a_file(tmp_path: Path) -> None:
+    output_dir = tmp_path / "out"
+    output_dir.write_text("not a folder")
+
+    with pytest.raises(ConfigError, match="cannot create the output folder") as caught:
+        run_slides(
+            _slides(1),
+            lambda slide: SlideOutcome(),
+            stage="extract",
+            output_dir=output_dir,
+            is_done=lambda s: False,
+            progress=False,
+        )
+
+    assert str(output_dir) in str(caught.value)
+    assert output_dir.read_text() == "not a folder"
+
+
 def test_summary_pluralises() -> None:
     manifest = Path("out/manifest.csv")
     one = StageResult(manifest, 1, 0, 2, "tile")
