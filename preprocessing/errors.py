@@ -65,6 +65,6 @@ class CheckpointError(SlidemilError):
 
 
 class StoreWriteError(SlidemilError, OSError):
-    """Writing a store failed (full disk, missing permission); nothing was committed."""
+    """A failed store write (full disk, missing permission); nothing of the store is committed."""
 
     error_type = "write_failed"
