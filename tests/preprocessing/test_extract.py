@@ -678,6 +678,13 @@ def _log_console(terminal: bool) -> Iterator[io.StringIO]:
         logging.getLogger().removeHandler(handler)
 
 
+@pytest.fixture
+def capable_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TERM that rich draws live bars on; CI hosts often set TERM=dumb, where it does not."""
+    monkeypatch.setenv("TERM", "xterm")
+
+
+@pytest.mark.usefixtures("capable_terminal")
 def test_tile_progress_drawn_on_terminal() -> None:
     with _log_console(terminal=True) as output, tile_progress("slideA", 6, True) as advance:
         for _ in range(3):
@@ -699,6 +706,7 @@ def test_tile_progress_quiet_off_terminal() -> None:
     assert disabled_output.getvalue() == ""
 
 
+@pytest.mark.usefixtures("capable_terminal")
 def test_tile_progress_joins_stage_bar(tmp_path: Path) -> None:
     def process(slide: SlideInput) -> SlideOutcome:
         with tile_progress(slide.slide_id, 6, True) as advance:
