@@ -7,8 +7,8 @@ Run from the repository root:
     .venv/bin/python benchmarks/kernels.py --json out.json    # also write the numbers as JSON
 
 Every case runs forward and backward (a weighted sum of the outputs, so every gradient is
-non-trivial) and reports the median wall time over `--repeats` runs after one warm-up run; the
-forms of a case take turns within each repeat.
+non-trivial) and reports the median wall time over `--repeats` runs after one warm-up run.
+Packed, loop and memory floor take turns within each repeat; the padded form runs afterwards.
 
 The three forms compute the same result (checked before timing):
 
@@ -100,22 +100,31 @@ def measure(
 ) -> CaseResult:
     """Median wall times in milliseconds, after one warm-up call of each form.
 
-    The forms take turns within every repeat, so a change in machine load during the run
-    touches all of them alike and the ratios stay comparable.
+    Packed, loop and floor take turns within every repeat, so a change in machine load during
+    the run touches them alike and their ratios stay comparable. The padded form runs in its own
+    block afterwards: its tensors are many times larger, and freeing them between turns slowed
+    the next form's allocations by up to 3x.
     """
-    steps = {"packed": packed, "loop": loop, "padded": padded, "floor": floor}
+    steps = {"packed": packed, "loop": loop, "floor": floor}
     active = {name: step for name, step in steps.items() if step is not None}
     times: dict[str, list[float]] = {name: [] for name in active}
     for step in active.values():
         step()
     for _ in range(repeats):
         for name, step in active.items():
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            times[name].append(_elapsed_ms(step))
+    if padded is not None:
+        padded()
+        times["padded"] = [_elapsed_ms(padded) for _ in range(repeats)]
     medians = {name: statistics.median(values) for name, values in times.items()}
     return CaseResult(case=case, packed_ms=medians["packed"], loop_ms=medians.get("loop"),
                       padded_ms=medians.get("padded"), floor_ms=medians.get("floor"))
+
+
+def _elapsed_ms(step: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    step()
+    return (time.perf_counter() - start) * 1e3
 
 
 def forward_backward(
