@@ -19,7 +19,7 @@ from mil.checkpoint import load_checkpoint
 from mil.engine import per_bag_loss, train_epoch
 from mil.kernels.segments import Segments
 from mil.models import create_model
-from mil.optim import EarlyStopping, warmup_cosine_factor
+from mil.optim import EarlyStopping, build_optimizer, warmup_cosine_factor
 from mil.train import TrainConfig, class_weights, load_train_config, run_training
 from preprocessing.errors import ConfigError
 
@@ -554,3 +554,16 @@ def test_cli_train_help_shows_defaults() -> None:
         found = re.search(re.escape(option) + r" .*?Default: ([^ ]+?)\.? ", text)
         assert found is not None, option
         assert float(found.group(1)) == pytest.approx(float(value)), option
+
+
+def test_optimizer_decays_matrices_only_and_fuses() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+
+    decayed, undecayed = optimizer.param_groups
+    assert [p.shape for p in decayed["params"]] == [torch.Size([3, 4])]
+    assert decayed["weight_decay"] == 0.05
+    assert len(undecayed["params"]) == 3
+    assert undecayed["weight_decay"] == 0.0
+    assert optimizer.defaults["fused"] is True
