@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pack-len", type=int, default=20480,
                         help="tiles per pack of the `packed` mode; at least --max-tiles so it "
                              "keeps every tile")
-    parser.add_argument("--packmil-pack-len", type=int, default=1024,
+    parser.add_argument("--packmil-pack-len", type=int, default=2048,
                         help="tiles per pack of the `packmil` mode")
-    parser.add_argument("--max-tiles-per-bag", type=int, default=512,
+    parser.add_argument("--max-tiles-per-bag", type=int, default=384,
                         help="cap on a main part or hyperslide in the `packmil` mode")
     parser.add_argument("--positive-fraction", type=float, default=0.05)
     parser.add_argument("--shift", type=float, default=3.0)
