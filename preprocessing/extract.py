@@ -196,8 +196,8 @@ def resolve_num_workers(requested: int | None, device: torch.device) -> int:
     """Return the DataLoader worker count: ``requested``, or an automatic choice when None.
 
     On the CPU the automatic choice is 0. Decoding and the forward pass compete for the same
-    cores there, and on a shared 2-core machine one worker was only 5 to 10 % faster than 0
-    (docs/extract.md) while costing a process per slide. On CUDA it is one worker per
+    cores there: on an idle 2-core machine one worker was 25% slower than 0, and on a busy one
+    at most 10% faster (docs/extract.md). On CUDA it is one worker per
     available core minus one for the main process, at most 4.
     """
     if requested is not None:
