@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from preprocessing.extract import (
     TileGrid,
     collate_tiles,
     embed_slide,
+    prefetch_in_thread,
     run_extraction,
     stream_slide_features,
     tile_progress,
@@ -885,6 +887,7 @@ def test_non_finite_features_not_written(
     out_dir = tmp_path / "features" / SMALL_MODEL
     assert not (out_dir / "cmu.h5").exists()
     assert not list(out_dir.glob("cmu.h5.tmp-*"))
+    assert _prefetch_threads() == []
 
 
 def test_moved_slide_found_with_slides_option(slide_path: Path, tmp_path: Path) -> None:
@@ -1011,3 +1014,44 @@ def test_no_config_when_nothing_extracted(tmp_path: Path) -> None:
 
     assert result.n_failed == 1
     assert not (tmp_path / "features" / SMALL_MODEL / "extract_config.yaml").exists()
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "tile-prefetch" and t.is_alive()]
+
+
+def test_prefetch_keeps_order_and_ends() -> None:
+    items = list(prefetch_in_thread(iter(range(50)), depth=2))
+
+    assert items == list(range(50))
+    assert _prefetch_threads() == []
+
+
+def test_prefetch_raises_producer_error() -> None:
+    def produce() -> Iterator[int]:
+        yield 1
+        raise OSError("tile read failed")
+
+    received = []
+    with pytest.raises(OSError, match="tile read failed"):
+        for item in prefetch_in_thread(produce()):
+            received.append(item)
+
+    assert received == [1]
+    assert _prefetch_threads() == []
+
+
+def test_prefetch_close_stops_thread() -> None:
+    produced: list[int] = []
+
+    def produce() -> Iterator[int]:
+        for value in range(1000):
+            produced.append(value)
+            yield value
+
+    generator = prefetch_in_thread(produce())
+    assert next(generator) == 0
+    generator.close()
+
+    assert _prefetch_threads() == []
+    assert len(produced) < 10
