@@ -333,6 +333,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--skip-attention", action="store_true")
+    parser.add_argument("--skip-pooling", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args()
 
@@ -342,12 +343,14 @@ def main() -> None:
     lengths = bag_lengths(args.tiles, args.bags, args.seed)
     padded_rows = len(lengths) * max(lengths)
 
-    results = [
-        bench_attention_pool(lengths, args.dim, 1, args.repeats),
-        bench_attention_pool(lengths, args.dim, args.branches, args.repeats),
-        bench_reduce(lengths, args.dim, "mean", args.repeats),
-        bench_reduce(lengths, args.dim, "max", args.repeats),
-    ]
+    results = []
+    if not args.skip_pooling:
+        results += [
+            bench_attention_pool(lengths, args.dim, 1, args.repeats),
+            bench_attention_pool(lengths, args.dim, args.branches, args.repeats),
+            bench_reduce(lengths, args.dim, "mean", args.repeats),
+            bench_reduce(lengths, args.dim, "max", args.repeats),
+        ]
     attention_lengths: list[int] = []
     if not args.skip_attention:
         attention_lengths = bag_lengths(args.attention_tiles, args.bags, args.seed)

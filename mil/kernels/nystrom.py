@@ -15,6 +15,7 @@ layer and not part of this function.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -92,6 +93,36 @@ def _landmark_kernel(
     return kernel * both_valid.to(kernel.dtype) + padding_diagonal
 
 
+def _landmark_buckets(
+    landmark_segments: Segments, device: torch.device
+) -> list[tuple[torch.Tensor, Segments]]:
+    """Group the bags by landmark count for the pseudo-inverse, which pads each bag to M × M.
+
+    Padding every bag to the largest count would cost cubic work on zeros: with log-normal bag
+    lengths, the packed form was 3 times slower than a per-bag loop. Bags whose counts fall in
+    the same quarter octave go together, so padding widens a bag's side by less than 19% (cubic
+    work by less than 1.7 times) and a pack needs at most 4 * log2(m) + 1 batched inversions.
+    Empty bags have no landmarks and are left out.
+
+    Returns:
+        Per bucket: the landmark rows of its bags (int64, in bag order) and their `Segments`.
+    """
+    buckets: dict[int, list[int]] = {}
+    for bag, count in enumerate(landmark_segments.lengths):
+        if count:
+            buckets.setdefault(math.floor(4 * math.log2(count)), []).append(bag)
+    starts = landmark_segments.starts
+    lengths = landmark_segments.lengths
+    result = []
+    for bags in buckets.values():
+        rows = [row for b in bags for row in range(starts[b], starts[b] + lengths[b])]
+        result.append((
+            torch.tensor(rows, dtype=torch.int64, device=device),
+            Segments.from_lengths([lengths[b] for b in bags], device=device),
+        ))
+    return result
+
+
 def nystrom_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -128,13 +159,17 @@ def nystrom_attention(
         q_landmarks, k, v, landmark_segments, segments, backend=backend, scale=scale
     )  # [G, H, Dv]
 
-    kernel = _landmark_kernel(q_landmarks, k_landmarks, landmark_segments, scale)  # [B,H,M,M]
-    inverse = iterative_pinv(kernel, pinv_iterations)
-    bag, position = _pad_positions(landmark_segments, q.device)
-    padded_values = landmark_values.new_zeros(
-        (landmark_segments.num_segments, landmark_segments.max_len, *landmark_values.shape[1:])
-    ).index_put((bag, position), landmark_values)  # [B, M, H, Dv]
-    mixed = torch.einsum("bhij,bjhe->bihe", inverse, padded_values)[bag, position]  # [G, H, Dv]
+    # pinv(softmax(Q̃ K̃ᵀ)) · landmark_values, per bag.
+    mixed = landmark_values.new_zeros(landmark_values.shape)  # [G, H, Dv]
+    for rows, bucket in _landmark_buckets(landmark_segments, q.device):
+        kernel = _landmark_kernel(q_landmarks[rows], k_landmarks[rows], bucket, scale)
+        inverse = iterative_pinv(kernel, pinv_iterations)  # [b, H, M, M]
+        bag, position = _pad_positions(bucket, q.device)
+        padded_values = landmark_values.new_zeros(
+            (bucket.num_segments, bucket.max_len, *landmark_values.shape[1:])
+        ).index_put((bag, position), landmark_values[rows])  # [b, M, H, Dv]
+        bucket_mixed = torch.einsum("bhij,bjhe->bihe", inverse, padded_values)[bag, position]
+        mixed = mixed.index_copy(0, rows, bucket_mixed)
 
     # softmax(Q K̃ᵀ) · mixed: tokens attend to the landmarks of their bag.
     return attention(
