@@ -673,7 +673,9 @@ def _log_console(terminal: bool) -> Iterator[io.StringIO]:
     buffer = io.StringIO()
     console = Console(file=buffer, force_terminal=terminal, width=120, color_system=None)
     handler = RichHandler(console=console)
-    logging.getLogger().addHandler(handler)
+    # First in line, because bars draw on the console of the first rich handler, and a CLI test
+    # run earlier in the same process may have left its own handler on the root logger.
+    logging.getLogger().handlers.insert(0, handler)
     try:
         yield buffer
     finally:
