@@ -314,7 +314,7 @@ def command(
         cleanup_distributed()
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(code=1) from err
-    cleanup_distributed()
+    cleanup_distributed(wait_for_peers=True)
 
     import os
 

@@ -154,7 +154,16 @@ def broadcast_object(value: ItemT, src: int = 0) -> ItemT:
     return box[0]
 
 
-def cleanup_distributed() -> None:
-    """Leave the process group when one was joined."""
+def cleanup_distributed(wait_for_peers: bool = False) -> None:
+    """Leave the process group when one was joined.
+
+    Args:
+        wait_for_peers: meet every process at a barrier first, so that all leave together.
+            Use it on the success path. Without it, a gloo process that left while rank 0 was
+            still saving aborted once in a test run ("terminate called without an active
+            exception"). Leave it off after an error, where a peer may never reach the barrier.
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()

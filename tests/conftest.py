@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,20 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Undo the CLI's logging set-up after each test.
+
+    `setup_logging` adds a rich handler to the root logger and sets the package levels; left in
+    place, the handler captures later tests' progress bars and a quiet level hides their logs.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    packages = {name: logging.getLogger(name).level for name in ("cli", "mil", "preprocessing")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, package_level in packages.items():
+        logging.getLogger(name).setLevel(package_level)

@@ -58,7 +58,7 @@ def main() -> None:
     if context.is_main:
         inner = getattr(model, "module", model)
         torch.save(inner.state_dict(), out_path)
-    cleanup_distributed()
+    cleanup_distributed(wait_for_peers=True)
 
 
 if __name__ == "__main__":
