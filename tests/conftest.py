@@ -44,8 +44,9 @@ def shared_data() -> Path:
 def restore_logging() -> Iterator[None]:
     """Undo the CLI's logging set-up after each test.
 
-    `setup_logging` adds a rich handler to the root logger and sets the package levels; left in
-    place, the handler captures later tests' progress bars and a quiet level hides their logs.
+    `setup_logging` adds a rich handler to the root logger and sets the package levels. Left in
+    place, the handler would capture later tests' progress bars, and a quiet level would hide
+    their logs.
     """
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level

@@ -100,9 +100,9 @@ def _landmark_buckets(
 
     Padding every bag to the largest count would cost cubic work on zeros: with log-normal bag
     lengths, the packed form was 3 times slower than a per-bag loop. Bags whose counts fall in
-    the same quarter octave go together, so padding widens a bag's side by less than 19% (cubic
-    work by less than 1.7 times) and a pack needs at most 4 * log2(m) + 1 batched inversions.
-    Empty bags have no landmarks and are left out.
+    the same quarter octave go together. Padding then widens a bag's side by less than 19%
+    (cubic work by less than 1.7 times), and a pack needs at most 4 * log2(m) + 1 batched
+    inversions. Empty bags have no landmarks and are left out.
 
     Returns:
         Per bucket: the landmark rows of its bags (int64, in bag order) and their `Segments`.
