@@ -48,6 +48,7 @@ from preprocessing.extract import (  # noqa: E402
     TileGrid,
     resolve_autocast_dtype,
     resolve_device,
+    resolve_num_workers,
     stream_slide_features,
 )
 from preprocessing.slide import open_slide  # noqa: E402
@@ -64,7 +65,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i].")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--batch-size", type=int, default=32, help="Tiles per forward pass.")
-    parser.add_argument("--num-workers", type=int, default=1, help="DataLoader workers.")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="DataLoader workers; default: the stage's automatic choice.")
     parser.add_argument("--tiles", type=int, default=256, help="Tiles per measurement.")
     parser.add_argument("--target-mpp", type=float, default=0.5, help="Tile µm per pixel.")
     parser.add_argument("--tile-px", type=int, default=224, help="Tile side in pixels.")
@@ -155,6 +157,7 @@ def machine_description(device: torch.device) -> str:
 def main() -> None:
     args = parse_args()
     device = resolve_device(args.device)
+    args.num_workers = resolve_num_workers(args.num_workers, device)
     autocast_dtype = resolve_autocast_dtype(args.precision, device)
     backbone = create_backbone(args.backbone, args.weights)
     embedder = TileEmbedder(
