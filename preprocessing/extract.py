@@ -81,6 +81,7 @@ from preprocessing.stores import (
     is_complete_store,
     open_feature_store,
     read_coords_store,
+    replace_text,
 )
 
 logger = logging.getLogger(__name__)
@@ -1246,9 +1247,7 @@ def save_resolved_config(cfg: ExtractConfig, out_dir: Path, weights_id: str) -> 
     path = out_dir / "extract_config.yaml"
     content = cfg.model_dump(mode="json")
     content["resolved_weights"] = weights_id
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(content, sort_keys=False))
-    os.replace(tmp, path)
+    replace_text(path, yaml.safe_dump(content, sort_keys=False))
     return path
 
 

@@ -15,6 +15,7 @@ those rows, so concurrent and killed workers never leave half-written or repeate
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from rich.text import Text
 
 from preprocessing.errors import ConfigError, MissingMppError, SlidemilError
 from preprocessing.inputs import SlideInput
+from preprocessing.stores import replace_text
 
 logger = logging.getLogger(__name__)
 
@@ -401,15 +403,14 @@ def _read_row(output_dir: Path, stage: str, slide_id: str) -> ManifestRow | None
 
 
 def write_manifest(output_dir: Path, stage: str) -> Path:
-    """Rebuild ``<output_dir>/manifest.csv`` from the stored rows (atomic replace)."""
+    """Rebuild ``<output_dir>/manifest.csv`` from the stored rows (atomic, skipped if unchanged)."""
     manifest = output_dir / MANIFEST_NAME
-    tmp = manifest.with_name(f"{MANIFEST_NAME}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        for row in read_rows(output_dir, stage).values():
-            writer.writerow(asdict(row))
-    os.replace(tmp, manifest)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=MANIFEST_COLUMNS)
+    writer.writeheader()
+    for row in read_rows(output_dir, stage).values():
+        writer.writerow(asdict(row))
+    replace_text(manifest, text.getvalue())
     return manifest
 
 

@@ -69,6 +69,24 @@ def _move_into_place(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def replace_text(path: Path, text: str) -> bool:
+    """Write `text` to `path` atomically, unless the file already contains exactly that text.
+
+    An unchanged file keeps its modification time, so a rerun that redoes nothing changes no
+    file. Returns True when the file was written.
+    """
+    data = text.encode("utf-8")  # bytes, so that CSV line endings are compared as written
+    try:
+        if path.read_bytes() == data:
+            return False
+    except FileNotFoundError:
+        pass
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return True
+
+
 def _clean_attr(value: Any) -> Any:
     """Convert an attribute value to a type both HDF5 and zarr (JSON) store unchanged."""
     if value is None:

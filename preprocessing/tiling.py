@@ -35,7 +35,12 @@ from preprocessing.inputs import SlideInput, list_slides, read_mpp_csv
 from preprocessing.mpp import OVERRIDE_SOURCE, magnification_from_mpp, validate_user_mpp
 from preprocessing.qc import draw_qc, save_png, stretch_contrast
 from preprocessing.slide import Slide, open_slide
-from preprocessing.stores import is_complete_store, read_coords_store, write_coords_store
+from preprocessing.stores import (
+    is_complete_store,
+    read_coords_store,
+    replace_text,
+    write_coords_store,
+)
 from preprocessing.tissue import TissueMask, TissueMethod, TissueSettings, detect_tissue
 
 logger = logging.getLogger(__name__)
@@ -556,9 +561,7 @@ def _write_json(path: Path, content: Mapping[str, Any]) -> None:
 
 
 def _save_config(cfg: TilingConfig, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    os.replace(tmp, path)
+    replace_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def _version() -> str:

@@ -118,7 +118,13 @@ def test_heatmaps_match_thumbnails(pipeline_output: Path) -> None:
 
 def test_rerun_reuses_finished_stages(pipeline_output: Path, tmp_path: Path) -> None:
     config_path = pipeline_output.parent / "pipeline.yaml"
-    stamps = {path: path.stat().st_mtime_ns for path in (pipeline_output / "tiles").glob("*.h5")}
+    stamps = {
+        path: path.stat().st_mtime_ns
+        for stage in ("tiles", "features")
+        for path in (pipeline_output / stage).rglob("*")
+        if path.is_file()
+    }
+    assert any(path.name == "manifest.csv" for path in stamps)
     result = CliRunner().invoke(app, ["run", str(config_path), "--stages", "tile,extract"])
     assert result.exit_code == 0, result.output
     for path, stamp in stamps.items():

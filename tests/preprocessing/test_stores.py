@@ -15,6 +15,7 @@ from preprocessing.stores import (
     open_feature_store,
     read_attention_store,
     read_coords_store,
+    replace_text,
     write_attention_store,
     write_coords_store,
 )
@@ -237,3 +238,16 @@ def test_writer_modes_not_mixed(tmp_path: Path) -> None:
         fixed.write(0, np.ones((3, 4)))
     with pytest.raises(ValueError, match="coords=None"):
         FeatureStoreWriter(tmp_path / "c.h5", None, 4, COORDS, {})
+
+
+def test_replace_text_only_when_changed(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.csv"
+
+    assert replace_text(path, "id,status\r\na,ok\r\n")
+    stamp = path.stat().st_mtime_ns
+    assert not replace_text(path, "id,status\r\na,ok\r\n")
+    assert path.stat().st_mtime_ns == stamp
+    assert replace_text(path, "id,status\r\na,failed\r\n")
+
+    assert path.read_bytes() == b"id,status\r\na,failed\r\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.csv"]
